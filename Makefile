@@ -1,0 +1,41 @@
+# svmotion: every target does its own set-up on a fresh Debian 12 machine, and is idempotent.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+DEB_PKGS := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbdfuse fuse3 \
+            qemu-utils qemu-system-common qemu-system-x86 prometheus fio python3-venv \
+            e2fsprogs util-linux iproute2
+PYTEST_ARGS ?=
+
+.PHONY: setup deps venv demo test bench clean
+
+setup: deps venv
+
+# Debian packages: installed only when one is missing, so a second run costs a dpkg query.
+deps:
+	@missing=$$(for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+# The venv must come from Debian's Python: nbdkit embeds it, and libnbd's bindings exist only there.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -c 'import nbd, click, prometheus_client, pyroute2'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/svmotion demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(VENV)/bin/svmotion bench --out bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
