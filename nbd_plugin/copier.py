@@ -1,0 +1,162 @@
+"""The copier: passes over a disk's dirty map that carry source data to the destination.
+
+Design notes
+- A pass walks the dirty map once, forward, in runs: up to 1 MiB of dirty chunks where the source
+  has data, up to 64 MiB where it has a hole. Chunks dirtied behind the cursor wait for the next
+  pass; that is what makes "passes until what remains fits the stun budget" converge. The bulk
+  copy (DiskCopy) is simply the first pass: a new mirror starts all dirty.
+- One run, under the run's chunk range in ChunkLocks (see chunklock.py for the race it closes):
+    1. clear the run's bits (before reading the source: see mirror.py, dirty mode),
+    2. walk the source's data and holes (SEEK_DATA/SEEK_HOLE) in the run,
+    3. data: copy_file_range into the destination, no user-space buffer;
+       hole: the destination must read zeroes there too, so punch where it has data (a fresh
+       sparse destination has none: nothing is written and it stays sparse),
+    4. on any error, set the bits again: the run is retried by a later pass, never lost.
+- A pass stops after several consecutive failed runs (a full or broken destination) and reports
+  the first error; the agent decides to fail the migration. The guest never sees it.
+- Rate limit: data bytes (not holes) are paced against the requested bytes per second.
+- The switchover's last copy is the same loop run synchronously under the stun, with a deadline
+  instead of a rate, so the stun never outlives its lease.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .backend import FileBackend, copy_range
+from .mirror import Mirror
+from .stats import DiskStats
+
+DATA_RUN_BYTES = 1 << 20
+HOLE_RUN_BYTES = 64 << 20
+MAX_CONSECUTIVE_ERRORS = 8
+
+
+class DeadlineExceeded(Exception):
+    """A synchronous copy could not finish before its deadline; what it did not copy stays dirty."""
+
+
+@dataclass
+class PassProgress:
+    kind: str
+    total_bytes: int
+    done_bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+    error: str | None = None
+
+    def as_dict(self, running: bool) -> dict[str, Any]:
+        elapsed = (self.finished or time.monotonic()) - self.started
+        return {"running": running, "kind": self.kind, "done_bytes": self.done_bytes,
+                "total_bytes": self.total_bytes,
+                "rate_bps": self.done_bytes / elapsed if elapsed > 0 else 0.0, "error": self.error}
+
+
+def copy_run(source: FileBackend, mirror: Mirror, first: int, last: int) -> int:
+    """Copy chunks first..last to the destination; return the data bytes copied."""
+    dmap = mirror.map
+    offset = first << dmap.shift
+    count = dmap.chunk_bytes(first, last)
+    copied = 0
+    with mirror.locks.hold(first, last):
+        dmap.clear(first, last)
+        try:
+            for seg_off, seg_len, is_data in source.segments(offset, count):
+                if is_data:
+                    copy_range(source, mirror.dest, seg_off, seg_len)
+                    copied += seg_len
+                else:
+                    for d_off, d_len, d_data in mirror.dest.segments(seg_off, seg_len):
+                        if d_data:
+                            mirror.dest.trim(d_len, d_off)
+        except BaseException:
+            dmap.mark(first, last)
+            raise
+    return copied
+
+
+def next_run(source: FileBackend, mirror: Mirror, chunk: int) -> int:
+    """The last chunk of the run that starts at dirty chunk `chunk`."""
+    dmap = mirror.map
+    offset = chunk << dmap.shift
+    data_at = source.next_data(offset)
+    if data_at >= offset + dmap.granularity:
+        limit = min(dmap.chunks - 1, (data_at >> dmap.shift) - 1,
+                    chunk + max(1, HOLE_RUN_BYTES >> dmap.shift) - 1)
+    else:
+        limit = min(dmap.chunks - 1, chunk + max(1, DATA_RUN_BYTES >> dmap.shift) - 1)
+    return dmap.dirty_run_end(chunk, limit)
+
+
+def copy_pass(source: FileBackend, mirror: Mirror, stats: DiskStats, progress: PassProgress,
+              should_stop: Callable[[], bool], rate: int = 0, deadline: float | None = None) -> None:
+    """Walk the dirty map once.
+
+    A failed run stays dirty for a later pass; only when MAX_CONSECUTIVE_ERRORS runs fail in a row
+    (or any run fails under a deadline) does the pass stop, with the first error in progress.error.
+    Nothing is raised but DeadlineExceeded.
+    """
+    failures = 0
+    first_error: str | None = None
+    chunk = mirror.map.next_dirty(0)
+    while chunk is not None and not should_stop():
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded(f"{mirror.map.dirty_bytes()} bytes still dirty at the deadline")
+        last = next_run(source, mirror, chunk)
+        try:
+            copied = copy_run(source, mirror, chunk, last)
+        except OSError as err:
+            stats.error("dest", "copy")
+            failures += 1
+            first_error = first_error or f"copy at offset {chunk << mirror.map.shift}: {err.strerror}"
+            if failures >= MAX_CONSECUTIVE_ERRORS or deadline is not None:
+                progress.error = first_error
+                return
+            chunk = mirror.map.next_dirty(last + 1)
+            continue
+        failures = 0
+        progress.done_bytes += copied
+        stats.copied(progress.kind, copied)
+        if rate:
+            ahead = progress.done_bytes / rate - (time.monotonic() - progress.started)
+            if ahead > 0:
+                time.sleep(min(ahead, 0.5))
+        chunk = mirror.map.next_dirty(last + 1)
+
+
+class CopyJob:
+    """A background copy pass of one disk (thread), cancellable.
+
+    Example: `job = CopyJob(disk.primary, disk.mirror, disk.stats, "bulk", rate=0); job.start()`
+    """
+
+    def __init__(self, source: FileBackend, mirror: Mirror, stats: DiskStats, kind: str, rate: int):
+        self.progress = PassProgress(kind, mirror.map.dirty_bytes())
+        self._args = (source, mirror, stats)
+        self._rate = rate
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"copy-{kind}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            copy_pass(*self._args, self.progress, self._stop.is_set, rate=self._rate)
+        except Exception as err:  # a bug must end the pass visibly, not silently
+            self.progress.error = f"copier: {type(err).__name__}: {err}"
+        finally:
+            self.progress.finished = time.monotonic()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def status(self) -> dict[str, Any]:
+        return self.progress.as_dict(self.running)

@@ -1,0 +1,196 @@
+"""One disk of a VM: its state, where its IO goes, and its state changes.
+
+States (DESIGN.md):
+
+    PASSTHROUGH --(stun, install mirror, unstun)--> MIRRORING --(switchover stun)--> SWITCHED
+          ^                                              |                             |
+          +----------------- abort / rollback -----------+      finish: SWITCHED -> PASSTHROUGH
+                                                                 on the destination's path
+    CLOSED: legacy stun strategy only, between close (Stun) and reopen with the mirror (Unstun).
+
+Design notes
+- `primary` is the authoritative side: the source until switchover, the destination after it.
+  Reads and extents come from it alone. `mirror` is set only while MIRRORING.
+- `primary`, `mirror` and `state` change only under a drained stun (the VM asserts it), and the
+  copier is stopped first; so a data request reads both references once and never sees a half
+  state, without a lock on the hot path.
+- Errors: an OSError of the source is the guest's error (counted as source:op); destination
+  errors are the mirror's business and never reach the guest.
+"""
+from __future__ import annotations
+
+import errno
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from .backend import FileBackend
+from .copier import CopyJob
+from .mirror import Mirror
+from .stats import DiskStats
+
+PASSTHROUGH, MIRRORING, SWITCHED, CLOSED = "passthrough", "mirroring", "switched", "closed"
+
+
+class Disk:
+    """A disk served as one named export."""
+
+    def __init__(self, name: str, path: str):
+        self.name = name
+        self.path = path
+        self.primary: FileBackend | None = FileBackend(path)
+        self.size = self.primary.size
+        self.state = PASSTHROUGH
+        self.mirror: Mirror | None = None
+        self.copy_job: CopyJob | None = None
+        self.stats = DiskStats()
+
+    # --- data path: one method per NBD op ---------------------------------------------------
+
+    def pread(self, buf: memoryview, offset: int) -> None:
+        self._source("pread", lambda: self._open().pread(buf, offset))
+
+    def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
+        start = time.monotonic()
+        primary, mirror = self._open(), self.mirror
+        source_op = lambda: primary.pwrite(buf, offset, fua)
+        if mirror is None:
+            self._source("pwrite", source_op)
+        else:
+            self._source("pwrite", lambda: mirror.update(
+                "pwrite", source_op, lambda: mirror.dest.pwrite(buf, offset, fua), offset, len(buf)))
+        self.stats.guest_write(len(buf), time.monotonic() - start)
+
+    def zero(self, count: int, offset: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        primary, mirror = self._open(), self.mirror
+        source_op = lambda: primary.zero(count, offset, may_trim, fast, fua)
+        if mirror is None:
+            self._source("zero", source_op)
+        else:
+            self._source("zero", lambda: mirror.update(
+                "zero", source_op, lambda: mirror.dest.zero(count, offset, may_trim, False, fua),
+                offset, count))
+
+    def trim(self, count: int, offset: int, fua: bool) -> None:
+        primary, mirror = self._open(), self.mirror
+        source_op = lambda: primary.trim(count, offset, fua)
+        if mirror is None:
+            self._source("trim", source_op)
+        else:
+            self._source("trim", lambda: mirror.update(
+                "trim", source_op, lambda: mirror.dest.trim(count, offset, fua), offset, count))
+
+    def flush(self) -> None:
+        primary, mirror = self._open(), self.mirror
+        if mirror is None:
+            self._source("flush", primary.flush)
+        else:
+            self._source("flush", lambda: mirror.flush(primary.flush))
+
+    def extents(self, count: int, offset: int) -> list[tuple[int, int, bool]]:
+        return list(self._open().segments(offset, count))
+
+    def _open(self) -> FileBackend:
+        primary = self.primary
+        if primary is None:  # only reachable if the gate let a request through a legacy close
+            raise OSError(errno.ESHUTDOWN, f"disk {self.name} is closed")
+        return primary
+
+    def _source(self, op: str, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except OSError:
+            self.stats.error("source", op)
+            raise
+
+    # --- state changes: called by the VM under a drained stun ---------------------------------
+
+    def close_files(self) -> None:
+        """Legacy Stun: flush and close the disk as today's flow does (Disk_CloseAll)."""
+        assert self.state == PASSTHROUGH and self.primary is not None
+        self.primary.flush()
+        self.primary.close()
+        self.primary = None
+        self.state = CLOSED
+
+    def reopen_source(self) -> None:
+        """Undo a legacy close: back to PASSTHROUGH on the source."""
+        if self.primary is None:
+            self.primary = FileBackend(self.path)
+        self.state = PASSTHROUGH
+
+    def install_mirror(self, dest_path: str, mode: str, granularity: int, pool: ThreadPoolExecutor) -> None:
+        """Open the destination and start mirroring; a closed disk is reopened with the mirror on."""
+        assert self.state in (PASSTHROUGH, CLOSED) and self.mirror is None
+        dest = FileBackend(dest_path)
+        if dest.size != self.size:
+            dest.close()
+            raise ValueError(f"destination {dest_path} has {dest.size} bytes, the disk has {self.size}")
+        if self.primary is None:
+            self.primary = FileBackend(self.path)
+        self.mirror = Mirror(dest, mode, granularity, self.size, pool, self.stats)
+        self.state = MIRRORING
+
+    def drop_mirror(self) -> None:
+        """Abort or rollback: stop copying, close the destination, serve the source alone."""
+        self.stop_copy()
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None
+        self.reopen_source()
+
+    def switch(self, reopen: bool) -> None:
+        """Switchover: the destination becomes the disk; the source is closed and never written again."""
+        assert self.state == MIRRORING and self.mirror is not None and self.primary is not None
+        # Must be zero: the switchover copied every dirty chunk under this drained stun.
+        assert self.mirror.map.dirty_count() == 0, "switch with dirty chunks"
+        dest = self.mirror.dest
+        self.primary.close()
+        if reopen:  # legacy: today's flow closes and reopens the disk at switchover
+            dest.flush()
+            dest.close()
+            dest = FileBackend(dest.path)
+        self.primary = dest
+        self.path = dest.path
+        self.mirror = None
+        self.state = SWITCHED
+
+    def finish(self) -> None:
+        """After switchover: an ordinary disk again, on its new path, ready for another migration."""
+        assert self.state == SWITCHED
+        self.state = PASSTHROUGH
+
+    def start_copy(self, kind: str, rate: int) -> None:
+        assert self.mirror is not None and self.primary is not None
+        if self.copy_job is not None and self.copy_job.running:
+            raise RuntimeError(f"disk {self.name}: a {self.copy_job.progress.kind} pass is running")
+        self.copy_job = CopyJob(self.primary, self.mirror, self.stats, kind, rate)
+        self.copy_job.start()
+
+    def stop_copy(self) -> None:
+        if self.copy_job is not None:
+            self.copy_job.cancel()
+
+    def copying(self) -> bool:
+        return self.copy_job is not None and self.copy_job.running
+
+    def status(self) -> dict[str, Any]:
+        mirror = self.mirror
+        return {
+            "name": self.name, "state": self.state, "path": self.path, "size": self.size,
+            "dest": mirror.dest.path if mirror else None,
+            "mode": mirror.mode if mirror else None,
+            "granularity": mirror.map.granularity if mirror else None,
+            "dirty_bytes": mirror.map.dirty_bytes() if mirror else 0,
+            "dirty_map_bytes": mirror.map.memory_bytes() if mirror else 0,
+            "mirror_failed": mirror.failed if mirror else None,
+            "copy": self.copy_job.status() if self.copy_job else None,
+            **self.stats.snapshot(),
+        }
+
+    def close(self) -> None:
+        self.stop_copy()
+        if self.mirror is not None:
+            self.mirror.close()
+        if self.primary is not None:
+            self.primary.close()

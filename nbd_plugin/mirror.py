@@ -1,0 +1,104 @@
+"""The mirror of one disk: its destination, dirty map and chunk locks, and the active write path.
+
+Design notes
+- Two modes. `sync` (the default): a guest update (write, zero, trim) to chunks the destination
+  already has goes to both sides before the ack, issued in parallel so the latency is the larger
+  of the two, not their sum; an update to chunks not yet copied goes to the source only and the
+  copier carries it. `dirty` (the older dirty-block-tracking way): updates go to the source only
+  and mark their chunks dirty; copy passes carry them.
+- The active path (sync mode), step by step, as in QEMU's mirror:
+    prepare  take the chunk range in ChunkLocks, so no copier run or other update overlaps it;
+             decide: all chunks clean -> mirrored, else -> source only (range marked dirty);
+    source   the update on the source: the source is authoritative until switchover, so its
+             error is the guest's error;
+    target   the same update on the destination, in a pool thread, at the same time;
+    settle   a destination error never reaches the guest: the range is marked dirty, the error
+             counted, and the copier retries it. A source error after a destination success
+             also marks the range dirty (the destination may hold data the source lacks).
+- Why `dirty` mode needs no chunk locks: the copier clears a chunk's bit *before* it reads the
+  source, and an update marks its bit *after* its source write completes. Whatever the
+  interleaving, an update the copier may have missed leaves its bit set for the next pass.
+- Destination flush: done with every guest flush (invariant 6: data acknowledged on both sides
+  is flushed on both). A failed destination flush means writes the destination acknowledged may
+  be lost, so the mirror is marked failed and the migration must not switch over.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+from .backend import FileBackend
+from .chunklock import ChunkLocks
+from .dirtymap import DirtyMap
+from .stats import DiskStats
+
+MODES = ("sync", "dirty")
+
+Op = Callable[[], None]
+
+
+class Mirror:
+    """Mirror state of one disk; lives from install (under a stun) to switchover or abort."""
+
+    def __init__(self, dest: FileBackend, mode: str, granularity: int, size: int,
+                 pool: ThreadPoolExecutor, stats: DiskStats):
+        assert mode in MODES
+        self.dest = dest
+        self.mode = mode
+        self.map = DirtyMap(size, granularity)
+        self.locks = ChunkLocks()
+        self.failed: str | None = None
+        self._pool = pool
+        self._stats = stats
+
+    def update(self, op: str, source_op: Op, dest_op: Op, offset: int, count: int) -> None:
+        """Apply one guest update (pwrite, zero, trim) through the mirror."""
+        if self.mode == "dirty":
+            source_op()
+            self._mark_dirty(offset, count)
+            return
+        first, last = self.map.chunk_range(offset, count)
+        with self.locks.hold(first, last):
+            if self.map.any_dirty(first, last):
+                self._mark_dirty(offset, count)
+                source_op()
+                return
+            target = self._pool.submit(dest_op)
+            try:
+                source_op()
+            except BaseException:
+                self._settle(op, target, count)
+                self._mark_dirty(offset, count)
+                raise
+            if not self._settle(op, target, count):
+                self._mark_dirty(offset, count)
+
+    def flush(self, source_flush: Op) -> None:
+        """Flush both sides in parallel; only the source's error reaches the guest."""
+        target = self._pool.submit(self.dest.flush)
+        try:
+            source_flush()
+        finally:
+            try:
+                target.result()
+            except OSError as err:
+                self._stats.error("dest", "flush")
+                self.failed = f"destination flush failed: {err.strerror}"
+
+    def _settle(self, op: str, target: Future, count: int) -> bool:
+        """Wait for the destination's half of an update; count its error instead of raising it."""
+        try:
+            target.result()
+        except OSError:
+            self._stats.error("dest", op)
+            return False
+        self._stats.dest_written(count)
+        return True
+
+    def _mark_dirty(self, offset: int, count: int) -> None:
+        newly = self.map.mark_range(offset, count)
+        if newly:
+            self._stats.dirtied(newly * self.map.granularity)
+
+    def close(self) -> None:
+        self.dest.close()

@@ -1,0 +1,185 @@
+"""nbdkit entry point of the svmotion mirror node: the callbacks translate and dispatch, nothing else.
+
+    nbdkit python nbd_plugin/plugin.py vm=NAME disk=NAME:PATH [disk=...] control=SOCKET [lease=2.0]
+
+(with the directory above nbd_plugin/ on PYTHONPATH: nbdkit's embedded Python does not add the
+script's directory to sys.path). See docs/interfaces.md for the control protocol.
+
+Every data callback passes the VM's stun gate (enter ... leave) around the disk operation, like
+nbdkit's pause filter, so a stun holds new requests and knows when the ones in flight are done.
+An OSError from the source becomes the NBD error with its errno; anything else becomes EIO.
+"""
+from __future__ import annotations
+
+import errno
+
+import nbdkit
+
+from nbd_plugin.control import ControlServer
+from nbd_plugin.vm import VM
+
+API_VERSION = 2
+
+_config: dict = {"vm": None, "disks": [], "control": None, "lease": 2.0}
+_vm: VM | None = None
+_server: ControlServer | None = None
+
+
+class ConfigError(Exception):
+    pass
+
+
+def config(key: str, value: str) -> None:
+    if key == "vm":
+        _config["vm"] = value
+    elif key == "disk":
+        name, sep, path = value.partition(":")
+        if not sep or not name or not path:
+            raise ConfigError(f"disk={value!r}: expected disk=NAME:PATH, e.g. disk=disk0:/var/lib/vm1/disk0.raw")
+        if any(name == n for n, _ in _config["disks"]):
+            raise ConfigError(f"disk={value!r}: disk name {name!r} is given twice")
+        _config["disks"].append((name, path))
+    elif key == "control":
+        _config["control"] = value
+    elif key == "lease":
+        _config["lease"] = float(value)
+    else:
+        raise ConfigError(f"unknown parameter {key}={value!r}; known: vm, disk, control, lease")
+
+
+def config_complete() -> None:
+    for key in ("vm", "control"):
+        if not _config[key]:
+            raise ConfigError(f"missing {key}=...; usage: vm=NAME disk=NAME:PATH control=SOCKET")
+    if not _config["disks"]:
+        raise ConfigError("no disk=NAME:PATH given")
+
+
+def thread_model() -> int:
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def get_ready() -> None:
+    global _vm
+    _vm = VM(_config["vm"], _config["disks"], _config["lease"])
+
+
+def after_fork() -> None:
+    # Threads start after nbdkit has (maybe) forked, or they would be lost in the parent.
+    global _server
+    _server = ControlServer(_config["control"], _vm.handle, on_close=_vm.connection_closed)
+    _server.start()
+
+
+def cleanup() -> None:
+    if _server is not None:
+        _server.stop()
+    if _vm is not None:
+        _vm.close()
+
+
+def list_exports(readonly: bool, is_tls: bool) -> list[tuple[str, str]]:
+    return [(name, f"disk {name} of VM {_vm.name}") for name in _vm.disks]
+
+
+def default_export(readonly: bool, is_tls: bool) -> str:
+    return next(iter(_vm.disks))
+
+
+class Handle:
+    """One client connection to one disk."""
+
+    __slots__ = ("disk",)
+
+    def __init__(self, disk):
+        self.disk = disk
+
+
+def open(readonly: bool) -> Handle:
+    name = nbdkit.export_name() or next(iter(_vm.disks))
+    disk = _vm.disks.get(name)
+    if disk is None:
+        nbdkit.set_error(errno.ENOENT)
+        raise LookupError(f"no disk {name!r} in VM {_vm.name}; exports: {', '.join(_vm.disks)}")
+    return Handle(disk)
+
+
+def get_size(h: Handle) -> int:
+    return h.disk.size
+
+
+def can_write(h: Handle) -> bool:
+    return True
+
+
+def can_flush(h: Handle) -> bool:
+    return True
+
+
+def can_trim(h: Handle) -> bool:
+    return True
+
+
+def can_zero(h: Handle) -> bool:
+    return True
+
+
+def can_fast_zero(h: Handle) -> bool:
+    return True
+
+
+def can_fua(h: Handle) -> int:
+    return nbdkit.FUA_NATIVE
+
+
+def can_multi_conn(h: Handle) -> bool:
+    # Safe: every connection shares one fd per side, so a flush on any connection covers all.
+    return True
+
+
+def can_extents(h: Handle) -> bool:
+    return True
+
+
+def can_cache(h: Handle) -> int:
+    return nbdkit.CACHE_NONE
+
+
+def pread(h: Handle, buf: bytearray, offset: int, flags: int) -> None:
+    _call(h.disk.pread, buf, offset)
+
+
+def pwrite(h: Handle, buf: bytes, offset: int, flags: int) -> None:
+    _call(h.disk.pwrite, buf, offset, bool(flags & nbdkit.FLAG_FUA))
+
+
+def flush(h: Handle, flags: int) -> None:
+    _call(h.disk.flush)
+
+
+def trim(h: Handle, count: int, offset: int, flags: int) -> None:
+    _call(h.disk.trim, count, offset, bool(flags & nbdkit.FLAG_FUA))
+
+
+def zero(h: Handle, count: int, offset: int, flags: int) -> None:
+    _call(h.disk.zero, count, offset, bool(flags & nbdkit.FLAG_MAY_TRIM),
+          bool(flags & nbdkit.FLAG_FAST_ZERO), bool(flags & nbdkit.FLAG_FUA))
+
+
+def extents(h: Handle, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
+    hole = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
+    runs = _call(h.disk.extents, count, offset)
+    return [(off, length, 0 if is_data else hole) for off, length, is_data in runs]
+
+
+def _call(op, *args):
+    """Run one disk op inside the stun gate; give nbdkit the source's errno."""
+    gate = _vm.gate
+    gate.enter()
+    try:
+        return op(*args)
+    except OSError as err:
+        nbdkit.set_error(err.errno or errno.EIO)
+        raise
+    finally:
+        gate.leave()
