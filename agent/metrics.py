@@ -11,6 +11,8 @@ Design notes
   build a fresh one with `reset()` and read values with `REGISTRY.get_sample_value()`.
 - Stun buckets are dense around the millisecond: 0.5 ms, 5 ms and 100 ms fall in different
   buckets with at least one bucket boundary between each pair.
+- Counters of a VM are exported at 0 as soon as the VM is known (set_nbdkit_up, set_phase), so
+  the first failure is a 0 -> 1 step that `increase()` and the alert rules can see.
 - `svmotion_migration_phase` is a state-set gauge: every phase of a known VM is exported, 1 for
   the current phase and 0 for the others, so a Grafana state timeline and `== 1` selectors work
   and a finished migration shows all zeros rather than a stale 1.
@@ -131,6 +133,17 @@ def observe_stun(vm: str, kind: str, strategy: str, duration_s: float, max_wait_
     _m.guest_wait.labels(vm=vm, kind=kind, strategy=strategy).observe(max_wait_s)
 
 
+def _declare_vm(vm: str) -> None:
+    """Export the VM's counters at 0 before anything happens to them.
+
+    Why: `increase()` cannot see the first step of a series that is born at 1, so a VM's first
+    failed migration would never fire SvmotionMigrationFailed.
+    """
+    for result in RESULTS:
+        _m.migrations.labels(vm=vm, result=result)
+    _m.passes.labels(vm=vm)
+
+
 def observe_phase(vm: str, phase: str, seconds: float) -> None:
     """Record how long one phase of a migration took."""
     _check(phase, PHASES, "phase")
@@ -141,6 +154,7 @@ def set_phase(vm: str, phase: str | None) -> None:
     """Mark the VM's current phase (None: no migration running, every phase 0)."""
     if phase is not None:
         _check(phase, PHASES, "phase")
+    _declare_vm(vm)
     for name in PHASES:
         _m.phase.labels(vm=vm, phase=name).set(1 if name == phase else 0)
 
@@ -162,7 +176,8 @@ def count_migration(vm: str, result: str) -> None:
 
 
 def set_nbdkit_up(vm: str, up: bool) -> None:
-    """Publish whether the VM's nbdkit is alive."""
+    """Publish whether the VM's nbdkit is alive (the agent calls it when it starts the VM)."""
+    _declare_vm(vm)
     _m.nbdkit_up.labels(vm=vm).set(1 if up else 0)
 
 
