@@ -1,0 +1,238 @@
+"""The `svmotion` command line: a click group; each command talks to the agent over its socket.
+
+Design notes
+- Every command is thin: parse and check options here (usage errors, exit 2, quoting the value
+  and the fix), send one request to the agent, print its answer. Refusals come from the agent
+  with their exit code (docs/interfaces.md, section 5) and are printed as they are.
+- Other modules add their commands with `main.add_command(cmd)` (kernel attach, reports, bench).
+- `migrate` waits by default, drawing progress on stderr; the result goes to stdout (a table, or
+  the record as JSON with --json) and the exit code says how it ended (0, 5 failed, 6 aborted).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from typing import Any, Callable
+
+import click
+
+from agent.config import DEFAULT_AGENT_SOCKET, load_config
+from agent.errors import (EXIT_BY_RESULT, EXIT_INTERNAL, AgentUnreachable, SvmotionError, die)
+from agent.jsonlines import JsonLinesClient, RemoteError
+from agent.phases import MIRROR_MODES, STRATEGIES, human_bytes
+from agent.progress import Progress, outcome_line, phase_table, render_line
+
+POLL_S = 0.25
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|us)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'50M' -> 52428800 (K, M, G, T are powers of 1024; 'MiB', 'MB' accepted); raises ValueError."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(text)
+    scale = 1024 ** " kmgt".index(m.group(2).lower() or " ")
+    return int(float(m.group(1)) * scale)
+
+
+def parse_duration(text: str) -> float:
+    """'50ms' -> 0.05, '0.2s' -> 0.2, '1' -> 1.0 seconds; raises ValueError."""
+    m = _DURATION_RE.match(text)
+    if not m:
+        raise ValueError(text)
+    unit = (m.group(2) or "s").lower()
+    return float(m.group(1)) * {"s": 1.0, "ms": 1e-3, "us": 1e-6}[unit]
+
+
+class Size(click.ParamType):
+    name = "SIZE"
+
+    def __init__(self, minimum: int = 0, power_of_two: bool = False):
+        self.minimum, self.power_of_two = minimum, power_of_two
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            n = parse_size(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a size; write bytes with an optional K, M or G suffix, e.g. 50M",
+                      param, ctx)
+        if n < self.minimum or (self.power_of_two and n & (n - 1)):
+            rule = "a power of two " if self.power_of_two else ""
+            self.fail(f"{value!r} must be {rule}>= {human_bytes(self.minimum)}, e.g. 64K", param, ctx)
+        return n
+
+
+class Duration(click.ParamType):
+    name = "DURATION"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a duration; write e.g. 50ms or 0.2s", param, ctx)
+        if not 0 < seconds <= 10:
+            self.fail(f"{value!r} must be more than 0 and at most 10 s, e.g. 50ms", param, ctx)
+        return seconds
+
+
+def agent_call(ctx: click.Context, op: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
+    """One request to the agent; unreachable -> exit 4, refusal -> its own line and exit code."""
+    path = ctx.obj["socket"]
+    try:
+        with JsonLinesClient(path, timeout=timeout) as client:
+            return client.call(op, **args)
+    except RemoteError as err:
+        die(SvmotionError(str(err.reply.get("error", err)), int(err.reply.get("exit", EXIT_INTERNAL))))
+    except (OSError, ConnectionError) as err:
+        die(AgentUnreachable(path, getattr(err, "strerror", None) or str(err)))
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn SvmotionError raised by a command into its one line and exit code."""
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SvmotionError as err:
+            die(err)
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--agent-socket", envvar="SVMOTION_SOCKET", default=DEFAULT_AGENT_SOCKET, show_default=True,
+              help="The agent's API socket (env SVMOTION_SOCKET).")
+@click.pass_context
+def main(ctx: click.Context, agent_socket: str) -> None:
+    """svmotion: move a running VM's disks to new storage with stuns of milliseconds."""
+    ctx.ensure_object(dict)
+    ctx.obj["socket"] = agent_socket
+
+
+@main.command("agent")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="The agent's TOML configuration (VMs, disks, sockets).")
+@guarded
+def agent_cmd(config_path: str) -> None:
+    """Run the agent: supervise one nbdkit per VM, run migrations, serve /metrics."""
+    from agent.daemon import run_agent
+    sys.exit(run_agent(load_config(config_path)))
+
+
+@main.command()
+@click.argument("vm")
+@click.option("--dest", required=True, help="Destination directory for the disks and files.")
+@click.option("--stun-strategy", "strategy", type=click.Choice(STRATEGIES), default="optimized",
+              show_default=True, help="optimized: disks stay open under the stun; legacy: close and reopen.")
+@click.option("--rate", type=Size(), default="0", help="Copy rate limit in bytes/s, e.g. 50M (0 = unlimited).")
+@click.option("--mirror", type=click.Choice(MIRROR_MODES), default="sync", show_default=True,
+              help="sync: mirror writes to both sides; dirty: track dirty chunks and copy them in passes.")
+@click.option("--granularity", type=Size(minimum=4096, power_of_two=True), default="64K", show_default=True,
+              help="Dirty-map chunk size.")
+@click.option("--stun-budget", type=Duration(), default="50ms", show_default=True,
+              help="The switchover stun to aim for: dirty passes repeat until the rest fits.")
+@click.option("--delete-source", is_flag=True, help="Delete the source files after a successful migration.")
+@click.option("--no-wait", is_flag=True, help="Start the migration and return at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print the migration record as JSON.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Write the full record (phases, stuns, passes, timeline samples) to this JSON file.")
+@click.pass_context
+def migrate(ctx: click.Context, vm: str, dest: str, strategy: str, rate: int, mirror: str, granularity: int,
+            stun_budget: float, delete_source: bool, no_wait: bool, as_json: bool, report_path: str | None) -> None:
+    """Migrate VM's disks to the directory DEST while it runs."""
+    reply = agent_call(ctx, "migrate", vm=vm, dest=os.path.abspath(dest), strategy=strategy, rate=rate,
+                       mirror=mirror, granularity=granularity, stun_budget=stun_budget,
+                       delete_source=delete_source)
+    record = reply["migration"]
+    if no_wait:
+        click.echo(json.dumps(record, indent=1) if as_json else
+                   f"{vm}: migration {record['id']} started; follow it with `svmotion status {vm}`")
+        return
+    record = wait_for(ctx, vm, record["id"], Progress(), with_samples=report_path is not None)
+    if report_path:
+        with open(report_path, "w") as f:
+            json.dump(record, f, indent=1)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in record.items() if k != "samples"}, indent=1))
+    else:
+        click.echo(phase_table(record))
+        click.echo(outcome_line(record))
+    for warning in record.get("warnings") or []:
+        click.echo(f"svmotion: warning: {warning}", err=True)
+    if record["state"] != "success":
+        click.echo(f"svmotion: error: {outcome_line(record)}", err=True)
+    sys.exit(EXIT_BY_RESULT.get(record["state"], EXIT_INTERNAL))
+
+
+def wait_for(ctx: click.Context, vm: str, migration_id: str, progress: Progress,
+             with_samples: bool = False) -> dict[str, Any]:
+    """Poll the agent until the migration ends; return its final record."""
+    try:
+        while True:
+            state = agent_call(ctx, "status", vm=vm, samples=with_samples)["vms"][0]
+            running, last = state.get("migration"), state.get("last")
+            if running and running["id"] == migration_id:
+                progress.update(running)
+            elif last and last.get("id") == migration_id:
+                progress.close()
+                return last
+            else:
+                progress.close()
+                die(SvmotionError(f"migration {migration_id} of {vm!r} is no longer known to the agent "
+                                  f"(was it restarted?); see `svmotion status {vm}`", EXIT_INTERNAL))
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        progress.close()
+        click.echo(f"svmotion: detached; migration {migration_id} continues in the agent "
+                   f"(`svmotion status {vm}` to follow, `svmotion abort {vm}` to stop it)", err=True)
+        sys.exit(130)
+
+
+@main.command()
+@click.argument("vm", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the agent's answer as JSON.")
+@click.pass_context
+def status(ctx: click.Context, vm: str | None, as_json: bool) -> None:
+    """Show each VM: its nbdkit, its disks, a running migration and the last one."""
+    reply = agent_call(ctx, "status", **({"vm": vm} if vm else {}))
+    if as_json:
+        click.echo(json.dumps(reply["vms"], indent=1))
+        return
+    for state in reply["vms"]:
+        up = f"nbdkit pid {state['nbdkit_pid']}" if state.get("nbdkit_up") else "nbdkit DOWN"
+        click.echo(f"{state['name']}: {up}")
+        for disk in state["disks"]:
+            click.echo(f"  {disk['name']}: {disk['path']}")
+        if state.get("migration"):
+            click.echo(f"  migrating: {render_line(state['migration'], tty=True)}")
+        if state.get("last"):
+            click.echo(f"  last: {outcome_line(state['last'])}")
+
+
+@main.command()
+@click.argument("vm")
+@click.pass_context
+def abort(ctx: click.Context, vm: str) -> None:
+    """Abort VM's migration: it goes on running on its intact source."""
+    record = agent_call(ctx, "abort", vm=vm, timeout=60.0)["migration"]
+    click.echo(outcome_line(record))
+
+
+@main.command()
+@click.option("--keep", is_flag=True, help="Keep the temporary directory (for a look afterwards).")
+@guarded
+def demo(keep: bool) -> None:
+    """Build a two-disk VM, migrate it under a verifying writer, print phases and stun times."""
+    from agent.demo import run_demo
+    sys.exit(run_demo(keep=keep))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,731 @@
+"""The phase engine: one live migration of one VM's disks, walking the seed's phases by name.
+
+Design notes
+- Shaped like QEMU's mirror job: one `run()` loop over PHASES with a pause/cancel point before
+  every phase and inside every wait, and ONE exit path, `_cleanup()`, shared by success, abort
+  and failure. Whatever a phase created is recorded as it is created (dest files, the held stun,
+  installed mirrors), so the shared cleanup knows exactly what to undo.
+- Lifecycle of a migration:
+
+  | state    | how it ends                                                       | exit code |
+  | -------- | ----------------------------------------------------------------- | --------- |
+  | running  | walks Null .. Complete, then Cleanup                              |           |
+  | success  | switchover done; dest files renamed to DEST/<disk>.raw; finish    | 0         |
+  | aborted  | abort() before switchover: plugin `abort`, dest files deleted     | 6         |
+  | failed   | any error before switchover: same rollback as aborted             | 5         |
+
+  Before switchover the source is authoritative (invariant 1), so rollback is always possible
+  and always the same: drop the mirror, delete what we created. After switchover the destination
+  is authoritative and nothing is rolled back: a later error is kept as a warning.
+- The stun is a lease held by the engine's control connection. If this process dies, the plugin
+  sees the connection close and rolls back at once; if the engine hangs, the lease expires.
+  Nothing proportional to the data runs under a stun: the destination is flushed before the
+  switchover stun, and dirty passes run until what remains fits the stun budget.
+- Convergence: the copy rate is measured (bulk pass, then each dirty pass); a pass is repeated
+  while the dirty bytes exceed rate * stun_budget, at most `max_passes` times, then the
+  migration fails cleanly with "did not converge".
+- Test-only fault injection (a testing aid, documented in README): env `SVMOTION_INJECT` holds
+  comma-separated `hold:PHASE=SECONDS` (sleep that long on entering PHASE, keeping whatever is
+  held, e.g. the stun at Unstun) and `pause:PHASE` (wait before PHASE until aborted).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from agent import metrics
+from agent.config import VmConfig
+from agent.errors import EXIT_USAGE, Refused, SvmotionError
+from agent.jsonlines import JsonLinesClient, RemoteError
+
+log = logging.getLogger("svmotion.phases")
+
+PHASES = ("Null", "DiskSetup", "DiskCreate", "FileCreate", "Stun", "Unstun", "DiskCopy",
+          "CopyDirtyInfo", "CopyDirtyData", "DiskCopyDone", "Complete", "Cleanup")
+STRATEGIES = ("optimized", "legacy")
+MIRROR_MODES = ("sync", "dirty")
+PARTIAL_SUFFIX = ".svmotion-partial"
+SAMPLE_INTERVAL_S = 0.25
+POLL_INTERVAL_S = 0.05
+MAX_SAMPLES = 20000
+SWITCHOVER_ATTEMPTS = 3
+# Until a pass has been measured, assume this copy rate (bytes/s) for the stun budget.
+DEFAULT_RATE_GUESS = 200 * 2**20
+
+
+class Aborted(Exception):
+    """The user (or the agent shutting down) asked the migration to stop."""
+
+
+class MigrationFailed(Exception):
+    """A phase could not complete; the message is the one line the user sees."""
+
+
+@dataclass
+class MigrationOptions:
+    """What `svmotion migrate` asks for (docs/interfaces.md, section 4, op `migrate`)."""
+
+    dest: str
+    strategy: str = "optimized"
+    rate: int = 0                    # bytes/s for the copier, 0 = unlimited
+    mirror: str = "sync"
+    granularity: int = 64 * 1024
+    stun_budget: float = 0.05        # seconds the switchover stun may take
+    delete_source: bool = False
+    max_passes: int = 10
+
+    @classmethod
+    def from_request(cls, req: dict[str, Any]) -> "MigrationOptions":
+        """Validate the API request's arguments; a bad one is a usage error (exit 2)."""
+        def bad(key: str, fix: str) -> SvmotionError:
+            return SvmotionError(f"bad {key} {req.get(key)!r}: {fix}", EXIT_USAGE)
+
+        dest = req.get("dest")
+        if not isinstance(dest, str) or not dest:
+            raise bad("dest", "give the destination directory, e.g. --dest /mnt/new")
+        opts = cls(dest=dest)
+        if req.get("strategy") is not None:
+            if req["strategy"] not in STRATEGIES:
+                raise bad("strategy", f"use one of {', '.join(STRATEGIES)}")
+            opts.strategy = req["strategy"]
+        if req.get("mirror") is not None:
+            if req["mirror"] not in MIRROR_MODES:
+                raise bad("mirror", f"use one of {', '.join(MIRROR_MODES)}")
+            opts.mirror = req["mirror"]
+        for key, lo in (("rate", 0), ("granularity", 4096), ("max_passes", 1)):
+            value = req.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                raise bad(key, f"an integer >= {lo}")
+            setattr(opts, key, value)
+        if opts.granularity & (opts.granularity - 1):
+            raise bad("granularity", "a power of two >= 4096, e.g. 64K")
+        budget = req.get("stun_budget")
+        if budget is not None:
+            if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget <= 10:
+                raise bad("stun_budget", "seconds in (0, 10], e.g. 0.05")
+            opts.stun_budget = float(budget)
+        opts.delete_source = bool(req.get("delete_source", False))
+        return opts
+
+
+@dataclass
+class DiskPlan:
+    """Where one disk comes from and goes to, and its per-disk files."""
+
+    name: str
+    source: str
+    size: int
+    partial: str
+    final: str
+    sidecars: list[tuple[str, str]] = field(default_factory=list)   # (source, dest final)
+
+
+@dataclass
+class Injection:
+    """The SVMOTION_INJECT test hooks (see the module notes)."""
+
+    hold: dict[str, float] = field(default_factory=dict)
+    pause: set[str] = field(default_factory=set)
+
+    @classmethod
+    def from_env(cls, text: str | None = None) -> "Injection":
+        text = os.environ.get("SVMOTION_INJECT", "") if text is None else text
+        inj = cls()
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            kind, _, rest = item.partition(":")
+            phase, _, seconds = rest.partition("=")
+            if phase not in PHASES or kind not in ("hold", "pause") or (kind == "hold") != bool(seconds):
+                raise ValueError(f"SVMOTION_INJECT item {item!r} is not hold:PHASE=SECONDS or pause:PHASE")
+            if kind == "hold":
+                inj.hold[phase] = float(seconds)
+            else:
+                inj.pause.add(phase)
+        return inj
+
+
+def partial_name(final: str) -> str:
+    return final + PARTIAL_SUFFIX
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+class Migration:
+    """One migration job. `validate()` refuses bad requests synchronously; `start()` runs the phases.
+
+    Example:
+        m = Migration(vm, node.client, paths, opts, on_done=save)
+        m.validate(); m.start(); ...; m.abort(); m.wait()
+    """
+
+    def __init__(self, vm: VmConfig, connect: Callable[[], JsonLinesClient], paths: dict[str, Any],
+                 options: MigrationOptions, on_done: Callable[["Migration"], None] | None = None,
+                 injection: Injection | None = None):
+        self.vm = vm
+        self._connect = connect
+        self.paths = paths          # current {"disks": {name: path}, "files": [...], "sidecars": {...}}
+        self.options = options
+        self._on_done = on_done
+        self._inject = injection if injection is not None else Injection.from_env()
+        self.id = uuid.uuid4().hex[:12]
+        self.state = "running"
+        self.phase = "Null"
+        self.error: str | None = None
+        self.warnings: list[str] = []
+        self.started = time.time()
+        self.ended: float | None = None
+        self.phases: list[dict[str, Any]] = []
+        self.stuns: list[dict[str, Any]] = []
+        self.passes: list[dict[str, Any]] = []
+        self.steps: list[dict[str, Any]] = []            # flush_dest, file copies: timed, logged
+        self.samples: list[dict[str, Any]] = []
+        self.copy_rate_bps: float | None = None
+        self.predicted_switchover_stun_s: float | None = None
+        self.plan: list[DiskPlan] = []
+        self.files: list[tuple[str, str]] = []            # per-VM files (source, dest final)
+        self.last_status: dict[str, Any] | None = None
+        self.new_paths: dict[str, Any] | None = None      # set at success: what the VM uses now
+        self._created: list[str] = []                     # dest paths we made, for rollback
+        self._file_stamps: dict[str, tuple[int, int]] = {}
+        self._ctl: JsonLinesClient | None = None
+        self._stun_id: str | None = None
+        self._stun_t0 = 0.0
+        self._switched = False
+        self._abort = threading.Event()
+        self._abort_reason = "aborted by the user"
+        self._done = threading.Event()
+        self._samples_lock = threading.Lock()             # protects samples and last_status
+        self._thread: threading.Thread | None = None
+
+    # ---- public surface (called from the agent's API threads) ----------------------------------
+
+    def validate(self, hello: dict[str, Any]) -> None:
+        """DiskSetup's checks, run before the reply to `migrate`: raise Refused, changing nothing."""
+        self.plan, self.files = plan_migration(self.vm, self.paths, hello, self.options)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name=f"migration-{self.vm.name}", daemon=True)
+        self._thread.start()
+
+    def abort(self, reason: str = "aborted by the user") -> None:
+        """Ask the job to stop at its next cancel point; refused once the switchover is done."""
+        if self._switched:
+            raise Refused(f"VM {self.vm.name!r} has already switched to its destination; too late to abort")
+        self._abort_reason = reason
+        self._abort.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def to_dict(self, samples: bool = True) -> dict[str, Any]:
+        """The migration record of the API and of reports."""
+        with self._samples_lock:
+            sample_list = list(self.samples) if samples else None
+            status = self.last_status
+        out: dict[str, Any] = {
+            "id": self.id, "vm": self.vm.name, "state": self.state, "phase": self.phase,
+            "error": self.error, "warnings": list(self.warnings),
+            "started": self.started, "ended": self.ended,
+            "options": asdict(self.options),
+            "disks": [{"name": d.name, "source": d.source, "dest": d.final, "size": d.size} for d in self.plan],
+            "phases": list(self.phases), "stuns": list(self.stuns), "passes": list(self.passes),
+            "steps": list(self.steps),
+            "copy_rate_bps": self.copy_rate_bps,
+            "predicted_switchover_stun_seconds": self.predicted_switchover_stun_s,
+            "progress": progress_of(status, self.plan),
+        }
+        if sample_list is not None:
+            out["samples"] = sample_list
+        return out
+
+    # ---- the job -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Walk the phases; every way out goes through `_cleanup()`."""
+        sampler = threading.Thread(target=self._sample_loop, name=f"sampler-{self.vm.name}", daemon=True)
+        result, error = "success", None
+        try:
+            self._ctl = self._connect()
+            sampler.start()
+            for phase in PHASES[:-1]:
+                self._checkpoint(phase)
+                self._run_phase(phase, getattr(self, f"_phase_{phase}"))
+        except Aborted:
+            result, error = "aborted", self._abort_reason
+        except (MigrationFailed, SvmotionError) as err:
+            result, error = "failed", str(err)
+        except RemoteError as err:
+            result, error = "failed", f"mirror node refused {err}"
+        except (OSError, ValueError) as err:
+            result, error = "failed", f"{type(err).__name__}: {err}"
+        except Exception as err:      # a bug: still roll back, and say it is one
+            log.exception("vm %s: migration crashed", self.vm.name)
+            result, error = "failed", f"internal error (a bug): {type(err).__name__}: {err}"
+        if self._switched and result != "success":
+            # After switchover the destination is authoritative: nothing to roll back.
+            self.warnings.append(f"after switchover: {error}")
+            result, error = "success", None
+        try:
+            self._run_phase("Cleanup", lambda: self._cleanup(result, error))
+        except Exception as err:
+            log.exception("vm %s: cleanup failed", self.vm.name)
+            self.warnings.append(f"cleanup: {type(err).__name__}: {err}")
+        self.state, self.error, self.ended = result, error, time.time()
+        metrics.set_phase(self.vm.name, None)
+        metrics.count_migration(self.vm.name, result)
+        log.info("vm %s: migration %s %s%s", self.vm.name, self.id, result, f": {error}" if error else "")
+        if self._ctl is not None:
+            self._ctl.close()
+        if self._on_done is not None:
+            try:
+                self._on_done(self)     # before _done: whoever waits sees the agent's state updated
+            except Exception:
+                log.exception("vm %s: recording the migration's end failed", self.vm.name)
+        self._done.set()       # the sampler stops on this
+
+    def _run_phase(self, phase: str, body: Callable[[], None]) -> None:
+        self.phase = phase
+        metrics.set_phase(self.vm.name, phase)
+        t0, wall = time.monotonic(), time.time()
+        try:
+            self._inject_at(phase)
+            body()
+        finally:
+            seconds = time.monotonic() - t0
+            self.phases.append({"name": phase, "started": wall, "seconds": seconds})
+            metrics.observe_phase(self.vm.name, phase, seconds)
+            log.info("vm %s: phase %-13s %8.3f s", self.vm.name, phase, seconds)
+
+    def _checkpoint(self, where: str = "") -> None:
+        """A cancel point (and, with SVMOTION_INJECT, a pause point)."""
+        if self._abort.is_set():
+            raise Aborted()
+        if where in self._inject.pause:
+            log.warning("vm %s: SVMOTION_INJECT pause before %s until aborted", self.vm.name, where)
+            self.phase = where
+            self._abort.wait()
+            raise Aborted()
+
+    def _inject_at(self, phase: str) -> None:
+        seconds = self._inject.hold.get(phase)
+        if seconds and phase != "Cleanup":
+            log.warning("vm %s: SVMOTION_INJECT hold at %s for %.1f s", self.vm.name, phase, seconds)
+            if self._abort.wait(seconds):
+                raise Aborted()
+
+    def _call(self, op: str, **args: Any) -> dict[str, Any]:
+        assert self._ctl is not None
+        return self._ctl.call(op, **args)
+
+    def _step(self, name: str, fn: Callable[[], Any]) -> Any:
+        """A timed, logged action inside a phase."""
+        t0 = time.monotonic()
+        result = fn()
+        seconds = time.monotonic() - t0
+        self.steps.append({"name": name, "phase": self.phase, "seconds": seconds})
+        log.info("vm %s: %s: %s %.3f s", self.vm.name, self.phase, name, seconds)
+        return result
+
+    # ---- phases --------------------------------------------------------------------------------
+
+    def _phase_Null(self) -> None:
+        """Nothing started yet: the record exists, the job is scheduled."""
+
+    def _phase_DiskSetup(self) -> None:
+        hello = self._call("hello")
+        self.plan, self.files = plan_migration(self.vm, self.paths, hello, self.options)
+        status = self._call("status")
+        busy = {n: d["state"] for n, d in status["disks"].items() if d["state"] != "passthrough"}
+        if busy:
+            raise MigrationFailed(f"disks not in passthrough state: {busy}; abort the earlier migration first")
+
+    def _phase_DiskCreate(self) -> None:
+        for disk in self.plan:
+            mode = os.stat(disk.source).st_mode & 0o777
+            fd = os.open(disk.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            self._created.append(disk.partial)
+            try:
+                os.ftruncate(fd, disk.size)     # sparse: the copier skips holes
+            finally:
+                os.close(fd)
+
+    def _phase_FileCreate(self) -> None:
+        for source, final in self.files:
+            self._step(f"copy {os.path.basename(source)}", lambda s=source, f=final: self._copy_file(s, f))
+
+    def _phase_Stun(self) -> None:
+        reply = self._call("stun", lease=self.vm.lease, kind="mirror_install")
+        self._stun_id, self._stun_t0 = reply["stun_id"], time.monotonic()
+        if self.options.strategy == "legacy":
+            self._step("close_disks", lambda: self._call("close_disks", stun_id=self._stun_id))
+        # Per-VM files do not depend on disk state: their mirror is (re)installed here, i.e.
+        # a file that changed since FileCreate is copied again while the VM cannot change it.
+        for source, final in self.files:
+            if self._file_stamps.get(source) != file_stamp(source):
+                self._step(f"recopy {os.path.basename(source)}", lambda s=source, f=final: self._copy_file(s, f))
+
+    def _phase_Unstun(self) -> None:
+        for disk in self.plan:
+            spec = {disk.name: {"dest": disk.partial, "mode": self.options.mirror,
+                                "granularity": self.options.granularity}}
+            self._step(f"install_mirror {disk.name}",
+                       lambda s=spec: self._call("install_mirror", stun_id=self._stun_id, disks=s))
+            # Per-disk files open after the mirror of their disk is installed (seed: diskOpen()).
+            for source, final in disk.sidecars:
+                self._copy_file(source, final)
+        self._release_stun("mirror_install")
+
+    def _phase_DiskCopy(self) -> None:
+        result = self._copy_pass("bulk")
+        self._measure_rate(result)
+
+    def _phase_CopyDirtyInfo(self) -> None:
+        status = self._status()
+        dirty = {n: d["dirty_bytes"] for n, d in status["disks"].items()}
+        self.steps.append({"name": "dirty_info", "phase": self.phase, "seconds": 0.0, "dirty_bytes": dirty})
+        log.info("vm %s: dirty after bulk copy: %s", self.vm.name,
+                 ", ".join(f"{n} {human_bytes(b)}" for n, b in dirty.items()))
+
+    def _phase_CopyDirtyData(self) -> None:
+        for attempt in range(1, SWITCHOVER_ATTEMPTS + 1):
+            self._converge()
+            self._step("flush_dest", lambda: self._call("flush_dest"))
+            remaining = total_dirty(self._status())
+            self.predicted_switchover_stun_s = remaining / self._rate()
+            metrics.set_predicted_stun(self.vm.name, self.predicted_switchover_stun_s)
+            if self._switchover():
+                return
+            log.warning("vm %s: switchover attempt %d did not fit the lease; copying more first",
+                        self.vm.name, attempt)
+        raise MigrationFailed(f"switchover did not fit the {self.vm.lease} s lease in "
+                              f"{SWITCHOVER_ATTEMPTS} attempts; lower the guest write rate or raise the lease")
+
+    def _phase_DiskCopyDone(self) -> None:
+        # The destination is authoritative: give every object its final name.
+        for disk in self.plan:
+            os.rename(disk.partial, disk.final)
+        for source, final in self.files + [s for d in self.plan for s in d.sidecars]:
+            os.rename(partial_name(final), final)
+        fsync_dir(self.options.dest)
+
+    def _phase_Complete(self) -> None:
+        bulk = sum(p["bytes"] for p in self.passes if p["kind"] == "bulk")
+        dirty = sum(p["bytes"] for p in self.passes if p["kind"] == "dirty")
+        log.info("vm %s: complete: bulk %s, dirty %s in %d passes, stuns %s", self.vm.name,
+                 human_bytes(bulk), human_bytes(dirty), len(self.passes) - 1,
+                 ", ".join(f"{s['kind']} {s['duration_seconds'] * 1000:.1f} ms" for s in self.stuns))
+
+    # ---- the one exit path ---------------------------------------------------------------------
+
+    def _cleanup(self, result: str, error: str | None) -> None:
+        if result == "success":
+            self._finish_success()
+        else:
+            self._roll_back(error)
+
+    def _finish_success(self) -> None:
+        self._call("flush_dest")
+        self._call("finish")
+        self.new_paths = {
+            "disks": {d.name: d.final for d in self.plan},
+            "files": [f for _, f in self.files],
+            "sidecars": {d.name: [f for _, f in d.sidecars] for d in self.plan},
+        }
+        if self.options.delete_source:
+            for path in [d.source for d in self.plan] + [s for s, _ in self.files] + \
+                        [s for d in self.plan for s, _ in d.sidecars]:
+                try:
+                    os.unlink(path)
+                except OSError as err:
+                    self.warnings.append(f"delete source {path}: {err.strerror}")
+
+    def _roll_back(self, error: str | None) -> None:
+        """Back to PASSTHROUGH on the intact source; delete everything created at the destination."""
+        try:
+            self._plugin_abort()
+        except (OSError, ValueError, RemoteError) as err:
+            # The stun (if any) ends with the connection or its lease; the mirror may stay
+            # installed, writing to an unlinked file, until the agent's next abort.
+            self.warnings.append(f"plugin abort failed: {err}")
+        for path in reversed(self._created):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                self.warnings.append(f"remove {path}: {err.strerror}")
+
+    def _plugin_abort(self) -> None:
+        """`abort` under our stun if we hold one (it may have expired: then without it)."""
+        ctl = self._ctl
+        if ctl is not None and self._stun_id is not None:
+            try:
+                ctl.call("abort", stun_id=self._stun_id)
+                self._stun_id = None
+                return
+            except RemoteError as err:
+                log.info("vm %s: abort under stun %s refused (%s); aborting without it",
+                         self.vm.name, self._stun_id, err)
+            except (OSError, ValueError):
+                ctl = None    # the connection is gone, and the stun with it
+        self._stun_id = None
+        if ctl is None:
+            with self._connect() as fresh:
+                fresh.call("abort")
+        else:
+            try:
+                ctl.call("abort")
+            except (OSError, ValueError):
+                with self._connect() as fresh:
+                    fresh.call("abort")
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _copy_file(self, source: str, final: str) -> None:
+        dest = partial_name(final)
+        if dest not in self._created:
+            self._created.append(dest)
+        stamp = file_stamp(source)
+        shutil.copyfile(source, dest)
+        shutil.copymode(source, dest)
+        self._file_stamps[source] = stamp
+
+    def _release_stun(self, kind: str) -> dict[str, Any]:
+        reply = self._call("unstun", stun_id=self._stun_id)
+        agent_seconds = time.monotonic() - self._stun_t0
+        self._stun_id = None
+        record = dict(reply.get("stun") or {})
+        record.setdefault("kind", kind)
+        record["kind"] = kind
+        record["agent_seconds"] = agent_seconds
+        self.stuns.append(record)
+        duration = float(record.get("duration_seconds", agent_seconds))
+        max_wait = float(record.get("max_wait_seconds", 0.0))
+        metrics.observe_stun(self.vm.name, kind, self.options.strategy, duration, max_wait)
+        log.info("vm %s: stun %s %.2f ms (guest max wait %.2f ms, %s held requests)", self.vm.name, kind,
+                 duration * 1000, max_wait * 1000, record.get("held_requests", "?"))
+        return record
+
+    def _status(self) -> dict[str, Any]:
+        status = self._call("status")
+        self._remember(status)
+        return status
+
+    def _copy_pass(self, kind: str) -> dict[str, Any]:
+        """Run one copier pass over every mirroring disk and wait for it (a cancel point)."""
+        before = self._status()
+        dirty_before = total_dirty(before)
+        t0 = time.monotonic()
+        self._call("copy", kind=kind, rate=self.options.rate)
+        while True:
+            if self._abort.is_set():
+                self._call("copy_cancel")
+                raise Aborted()
+            time.sleep(POLL_INTERVAL_S)
+            status = self._status()
+            if not any(d["copy"]["running"] for d in status["disks"].values()):
+                break
+        seconds = time.monotonic() - t0
+        done = sum(d["copy"]["done_bytes"] for d in status["disks"].values())
+        errors = sorted({d["copy"]["error"] for d in status["disks"].values() if d["copy"].get("error")})
+        result = {"n": len(self.passes), "kind": kind, "bytes": done, "seconds": seconds,
+                  "dirty_before": dirty_before, "dirty_after": total_dirty(status), "errors": errors}
+        self.passes.append(result)
+        log.info("vm %s: %s pass %d: %s in %.3f s, %s dirty remain%s", self.vm.name, kind, result["n"],
+                 human_bytes(done), seconds, human_bytes(result["dirty_after"]),
+                 f", errors: {'; '.join(errors)}" if errors else "")
+        return result
+
+    def _measure_rate(self, result: dict[str, Any]) -> None:
+        # Small passes measure latency, not bandwidth: only trust passes of some size.
+        if result["bytes"] >= 1 << 20 and result["seconds"] > 0:
+            self.copy_rate_bps = result["bytes"] / result["seconds"]
+
+    def _rate(self) -> float:
+        if self.copy_rate_bps:
+            return self.copy_rate_bps
+        return float(self.options.rate) if self.options.rate else float(DEFAULT_RATE_GUESS)
+
+    def _converge(self) -> None:
+        """Dirty passes until what remains fits the stun budget at the measured copy rate."""
+        for _ in range(self.options.max_passes):
+            self._checkpoint()
+            dirty = total_dirty(self._status())
+            budget = self._rate() * self.options.stun_budget
+            if dirty <= budget:
+                return
+            result = self._copy_pass("dirty")
+            metrics.count_pass(self.vm.name)
+            self._measure_rate(result)
+            if result["errors"] and result["dirty_after"] >= result["dirty_before"]:
+                raise MigrationFailed(f"copy to the destination failed: {result['errors'][0]}; "
+                                      f"the workload stays on its source")
+        dirty = total_dirty(self._status())
+        budget = self._rate() * self.options.stun_budget
+        if dirty > budget:
+            errors = self.passes[-1]["errors"] if self.passes else []
+            cause = f" (last copy error: {errors[0]})" if errors else ""
+            raise MigrationFailed(
+                f"did not converge after {self.options.max_passes} dirty passes: {human_bytes(dirty)} dirty "
+                f"remain, the {self.options.stun_budget * 1000:.0f} ms stun budget allows {human_bytes(budget)} "
+                f"at {human_bytes(self._rate())}/s{cause}; lower the guest write rate, raise --rate "
+                f"or --stun-budget")
+
+    def _switchover(self) -> bool:
+        """The switchover stun; False when the plugin could not finish inside the lease (nothing changed)."""
+        self._checkpoint()
+        reply = self._call("stun", lease=self.vm.lease, kind="switchover")
+        self._stun_id, self._stun_t0 = reply["stun_id"], time.monotonic()
+        try:
+            done = self._call("switchover", stun_id=self._stun_id,
+                              reopen=self.options.strategy == "legacy")
+        except RemoteError as err:
+            self.warnings.append(f"switchover: {err}")
+            try:
+                self._release_stun("switchover")["outcome"] = "retry"
+            except RemoteError as unstun_err:
+                # The lease ran out first: the plugin already released the guest by itself.
+                log.warning("vm %s: unstun after a failed switchover: %s", self.vm.name, unstun_err)
+                self._stun_id = None
+            return False
+        self._switched = True
+        record = self._release_stun("switchover")
+        record["final_bytes"] = done.get("final_bytes")
+        record["switchover_seconds"] = done.get("seconds")
+        return True
+
+    def _remember(self, status: dict[str, Any]) -> None:
+        with self._samples_lock:
+            self.last_status = status
+
+    def _sample_loop(self) -> None:
+        """The timeline for reports: one sample every SAMPLE_INTERVAL_S on its own connection."""
+        try:
+            ctl = self._connect()
+        except OSError:
+            return
+        try:
+            t_start = time.monotonic()
+            while not self._done.wait(SAMPLE_INTERVAL_S):
+                try:
+                    status = ctl.call("status")
+                except (OSError, ValueError, RemoteError):
+                    return
+                disks = status["disks"].values()
+                sample = {"t": round(time.monotonic() - t_start, 3), "phase": self.phase,
+                          "dirty_bytes": sum(d["dirty_bytes"] for d in disks),
+                          "copied_bytes": sum(sum(d["copied_bytes"].values()) for d in disks),
+                          "guest_written_bytes": sum(d["guest_written_bytes"] for d in disks)}
+                with self._samples_lock:
+                    self.last_status = status
+                    if len(self.samples) < MAX_SAMPLES:
+                        self.samples.append(sample)
+        finally:
+            ctl.close()
+
+
+# ---- planning (DiskSetup's checks) ----------------------------------------------------------------
+
+def plan_migration(vm: VmConfig, paths: dict[str, Any], hello: dict[str, Any],
+                   options: MigrationOptions) -> tuple[list[DiskPlan], list[tuple[str, str]]]:
+    """Check the request against the VM and the destination; raise Refused naming what is wrong."""
+    dest = os.path.realpath(options.dest)
+    if not os.path.isdir(dest):
+        raise Refused(f"destination {options.dest!r} is not a directory; create it first (mkdir -p)")
+    if not os.access(dest, os.W_OK | os.X_OK):
+        raise Refused(f"destination {options.dest!r} is not writable; fix its permissions")
+    sizes = {d["name"]: int(d["size"]) for d in hello.get("disks", [])}
+    plan: list[DiskPlan] = []
+    claimed: set[str] = set()
+
+    def target(source: str, name: str) -> str:
+        final = os.path.join(dest, name)
+        for path in (final, partial_name(final)):
+            if os.path.lexists(path):
+                raise Refused(f"destination file {path!r} already exists; remove it or choose another --dest")
+        if final in claimed:
+            raise Refused(f"two objects of VM {vm.name!r} would both be copied to {final!r}; rename one")
+        claimed.add(final)
+        return final
+
+    def existing(path: str, what: str) -> str:
+        if not os.path.isfile(path):
+            raise Refused(f"source {what} {path!r} is missing; restore it or fix the agent's configuration")
+        return path
+
+    for disk in vm.disks:
+        source = existing(paths["disks"][disk.name], f"disk {disk.name!r}")
+        if os.path.realpath(os.path.dirname(source)) == dest:
+            raise Refused(f"destination {options.dest!r} is the directory of the source disk {source!r}; "
+                          f"choose another --dest")
+        if disk.name not in sizes:
+            raise Refused(f"the mirror node does not serve disk {disk.name!r}; restart the agent")
+        side_sources = paths["sidecars"].get(disk.name, list(disk.sidecars))
+        plan.append(DiskPlan(name=disk.name, source=source, size=sizes[disk.name],
+                             partial="", final=target(source, f"{disk.name}.raw")))
+        plan[-1].partial = partial_name(plan[-1].final)
+        plan[-1].sidecars = [(existing(s, f"sidecar of disk {disk.name!r}"), "") for s in side_sources]
+    for disk in plan:
+        disk.sidecars = [(s, target(s, os.path.basename(s))) for s, _ in disk.sidecars]
+    files = [(existing(f, "file"), "") for f in paths["files"]]
+    files = [(s, target(s, os.path.basename(s))) for s, _ in files]
+    check_free_space(dest, options.dest, [d.source for d in plan] + [s for s, _ in files] +
+                     [s for d in plan for s, _ in d.sidecars])
+    return plan, files
+
+
+def check_free_space(dest: str, shown: str, sources: list[str]) -> None:
+    """Refuse when the destination cannot even hold the data the sources have allocated now."""
+    need = sum(os.stat(p).st_blocks * 512 for p in sources)
+    st = os.statvfs(dest)
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        raise Refused(f"destination {shown!r} has {human_bytes(free)} free but the disks and files hold "
+                      f"{human_bytes(need)}; free space there or choose another --dest")
+
+
+def file_stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def total_dirty(status: dict[str, Any]) -> int:
+    return sum(int(d["dirty_bytes"]) for d in status["disks"].values())
+
+
+def progress_of(status: dict[str, Any] | None, plan: list[DiskPlan]) -> dict[str, Any]:
+    """What a progress bar shows: bytes copied out of the disks' size, rate, dirty bytes left."""
+    if not status:
+        return {"copied_bytes": 0, "total_bytes": sum(d.size for d in plan), "dirty_bytes": 0, "rate_bps": 0}
+    disks = status["disks"].values()
+    return {
+        "copied_bytes": sum(sum(d["copied_bytes"].values()) for d in disks),
+        "total_bytes": sum(d.size for d in plan),
+        "dirty_bytes": sum(d["dirty_bytes"] for d in disks),
+        "rate_bps": sum(d["copy"].get("rate_bps") or 0 for d in disks if d["copy"].get("running")),
+    }

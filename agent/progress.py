@@ -1,0 +1,91 @@
+"""What `svmotion migrate` shows while it waits: a progress bar on a terminal, plain lines otherwise.
+
+Design notes
+- Input is the migration record the agent returns (`progress`, `phase`, `state`), polled by the
+  CLI; nothing here talks to the agent, so the rendering is testable on its own.
+- On a terminal one line is redrawn in place (`\\r`, cleared to the end); when stderr is a pipe
+  or a file (CI logs, `| tee`) a plain line is written on every phase change and every few
+  seconds, so logs stay readable and short.
+- Progress goes to stderr: stdout is reserved for the result (and `--json`).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+from agent.phases import human_bytes
+
+BAR_WIDTH = 28
+PLAIN_INTERVAL_S = 2.0
+
+
+def render_line(record: dict[str, Any], tty: bool) -> str:
+    """One line: [bar] percent copied/total rate dirty phase."""
+    p = record.get("progress") or {}
+    copied, total = int(p.get("copied_bytes") or 0), int(p.get("total_bytes") or 0)
+    fraction = min(1.0, copied / total) if total else 0.0
+    rate = float(p.get("rate_bps") or 0)
+    dirty = int(p.get("dirty_bytes") or 0)
+    text = (f"{fraction * 100:5.1f}% {human_bytes(copied)}/{human_bytes(total)} "
+            f"{human_bytes(rate)}/s dirty {human_bytes(dirty)}  {record.get('phase', '?')}")
+    if not tty:
+        return f"{record.get('vm', '?')}: {text}"
+    filled = int(fraction * BAR_WIDTH)
+    return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {text}"
+
+
+class Progress:
+    """Feed it migration records; it draws. Example: `p = Progress(); p.update(rec); p.close()`."""
+
+    def __init__(self, stream: TextIO | None = None, tty: bool | None = None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self._last_phase: str | None = None
+        self._last_plain = 0.0
+        self._drawn = False
+
+    def update(self, record: dict[str, Any]) -> None:
+        line = render_line(record, self.tty)
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K")
+            self._drawn = True
+        else:
+            now = time.monotonic()
+            if record.get("phase") != self._last_phase or now - self._last_plain >= PLAIN_INTERVAL_S:
+                self.stream.write(line + "\n")
+                self._last_plain = now
+        self._last_phase = record.get("phase")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def phase_table(record: dict[str, Any]) -> str:
+    """The phases with their durations, then the stuns: what `migrate` and the demo print at the end."""
+    lines = [f"{'phase':<14} {'seconds':>9}"]
+    for phase in record.get("phases", []):
+        lines.append(f"{phase['name']:<14} {phase['seconds']:>9.3f}")
+    for stun in record.get("stuns", []):
+        lines.append(f"stun {stun.get('kind', '?'):<15} {stun.get('duration_seconds', 0) * 1000:8.2f} ms "
+                     f"(guest max wait {stun.get('max_wait_seconds', 0) * 1000:.2f} ms, "
+                     f"{stun.get('held_requests', 0)} held requests, {stun.get('outcome', '?')})")
+    passes = [p for p in record.get("passes", []) if p.get("kind") == "dirty"]
+    bulk = sum(p["bytes"] for p in record.get("passes", []) if p.get("kind") == "bulk")
+    lines.append(f"copied {human_bytes(bulk)} bulk, {human_bytes(sum(p['bytes'] for p in passes))} "
+                 f"in {len(passes)} dirty passes")
+    return "\n".join(lines)
+
+
+def outcome_line(record: dict[str, Any]) -> str:
+    """One line saying how the migration ended and where the VM runs now."""
+    vm, state = record.get("vm", "?"), record.get("state", "?")
+    if state == "success":
+        dests = ", ".join(d["dest"] for d in record.get("disks", []))
+        return f"{vm}: migrated; its disks are now {dests}"
+    if state == "running":
+        return f"{vm}: migration {record.get('id')} running, phase {record.get('phase')}"
+    return f"{vm}: migration {state}: {record.get('error')}; the VM runs on its intact source"

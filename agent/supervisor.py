@@ -1,0 +1,196 @@
+"""One nbdkit (the mirror node) per VM: build its command line, start it, adopt it, stop it.
+
+Design notes
+- The workload must outlive the agent. nbdkit runs in its own session (start_new_session), its
+  output goes to a log file in state_dir (a pipe would break, and SIGPIPE it, when the agent
+  dies), and nothing ties its life to ours (no --exit-with-parent). A SIGKILLed agent leaves the
+  guest's IO running; the stun lease covers the case where it died holding a stun.
+- A restarted agent adopts instead of restarting: the pid file in state_dir records the pid and
+  the process start time (so a recycled pid is never mistaken for our nbdkit), and adoption also
+  requires the control socket to answer `hello` for this VM with that pid.
+- Processes are tracked by pid only; nothing here matches processes by name (other nbdkits run
+  on the same machine).
+- The command line is exactly docs/interfaces.md, section 1.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.config import VmConfig
+from agent.errors import SvmotionError
+from agent.jsonlines import JsonLinesClient
+from nbd_plugin import plugin_pythonpath, plugin_script
+
+log = logging.getLogger("svmotion.supervisor")
+
+THREADS = 16
+READY_TIMEOUT_S = 15.0
+
+
+def nbdkit_command(vm: VmConfig, disk_paths: dict[str, str], control: str) -> list[str]:
+    """The nbdkit command line of docs/interfaces.md, section 1, disks in configuration order."""
+    cmd = ["nbdkit", "--foreground", "--unix", vm.socket]
+    if vm.listen:
+        host, _, port = vm.listen.rpartition(":")
+        cmd += ["--ipaddr", host, "--port", port]
+    cmd += ["--threads", str(THREADS), "python", str(plugin_script()), f"vm={vm.name}"]
+    cmd += [f"disk={d.name}:{disk_paths[d.name]}" for d in vm.disks]
+    cmd += [f"control={control}", f"lease={vm.lease}"]
+    return cmd
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of a process (clock ticks since boot), None when it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+class Nbdkit:
+    """The mirror node of one VM, started by us or adopted from a previous agent.
+
+    Example: `node = Nbdkit(vm, state_dir); node.adopt() or node.start(paths); node.client()`
+    """
+
+    def __init__(self, vm: VmConfig, state_dir: str):
+        self.vm = vm
+        self.control = os.path.join(state_dir, f"{vm.name}.ctl")
+        self.pid_file = os.path.join(state_dir, f"{vm.name}.pid")
+        self.log_file = os.path.join(state_dir, f"{vm.name}.nbdkit.log")
+        self.pid: int | None = None
+        self._start_time: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None   # set only when we are its parent
+        self.hello: dict[str, Any] = {}
+
+    def client(self, timeout: float | None = 30.0) -> JsonLinesClient:
+        """A new connection to the control socket (each user gets its own: a stun belongs to one)."""
+        return JsonLinesClient(self.control, timeout=timeout)
+
+    def alive(self) -> bool:
+        if self.pid is None:
+            return False
+        if self._proc is not None and self._proc.poll() is not None:
+            return False      # reaped: our child exited
+        return process_start_time(self.pid) == self._start_time
+
+    def adopt(self) -> bool:
+        """Take over an nbdkit left running by a previous agent; False when there is none to adopt."""
+        try:
+            recorded = json.loads(Path(self.pid_file).read_text())
+            pid, start = int(recorded["pid"]), int(recorded["start_time"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if process_start_time(pid) != start:
+            log.info("vm %s: pid file names pid %d, which is no longer our nbdkit", self.vm.name, pid)
+            return False
+        try:
+            with self.client(timeout=5.0) as c:
+                hello = c.call("hello")
+        except (OSError, ValueError) as err:
+            log.warning("vm %s: nbdkit pid %d is running but its control socket does not answer (%s)",
+                        self.vm.name, pid, err)
+            return False
+        if hello.get("vm") != self.vm.name or hello.get("pid") != pid:
+            log.warning("vm %s: control socket answered for vm %r pid %r, not ours",
+                        self.vm.name, hello.get("vm"), hello.get("pid"))
+            return False
+        self.pid, self._start_time, self.hello = pid, start, hello
+        log.info("vm %s: adopted running nbdkit pid %d", self.vm.name, pid)
+        return True
+
+    def stale_pid(self) -> int | None:
+        """A still-running process our pid file names that could not be adopted (it must be stopped)."""
+        try:
+            recorded = json.loads(Path(self.pid_file).read_text())
+            pid, start = int(recorded["pid"]), int(recorded["start_time"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return pid if process_start_time(pid) == start else None
+
+    def start(self, disk_paths: dict[str, str]) -> None:
+        """Start nbdkit for the VM and wait until its control socket answers `hello`."""
+        stale = self.stale_pid()
+        if stale is not None:
+            # Our own earlier nbdkit that does not answer: it would hold the NBD socket.
+            log.warning("vm %s: stopping unresponsive nbdkit pid %d", self.vm.name, stale)
+            self.pid, self._start_time = stale, process_start_time(stale)
+            self.stop()
+        for path in (self.control, self.vm.socket):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        cmd = nbdkit_command(self.vm, disk_paths, self.control)
+        env = dict(os.environ, PYTHONPATH=str(plugin_pythonpath()))
+        with open(self.log_file, "ab") as out:
+            out.write(f"--- {time.strftime('%F %T')} {' '.join(cmd)}\n".encode())
+            out.flush()
+            self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self._proc.pid
+        # The child exists once Popen returns; None here means it already exited (alive() says so).
+        self._start_time = process_start_time(self.pid)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        tmp = self.pid_file + ".tmp"
+        Path(tmp).write_text(json.dumps({"pid": self.pid, "start_time": self._start_time}))
+        os.replace(tmp, self.pid_file)
+        self.hello = self._wait_ready(deadline)
+        log.info("vm %s: started nbdkit pid %d", self.vm.name, self.pid)
+
+    def _wait_ready(self, deadline: float) -> dict[str, Any]:
+        last_error = "no answer yet"
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise SvmotionError(f"nbdkit for VM {self.vm.name!r} exited at start: "
+                                    f"{self.log_tail()}; see {self.log_file}")
+            try:
+                with self.client(timeout=2.0) as c:
+                    return c.call("hello")
+            except (OSError, ValueError) as err:
+                last_error = str(err)
+            time.sleep(0.05)
+        self.stop()
+        raise SvmotionError(f"nbdkit for VM {self.vm.name!r} did not answer on {self.control} within "
+                            f"{READY_TIMEOUT_S:.0f} s ({last_error}); see {self.log_file}")
+
+    def log_tail(self, lines: int = 3) -> str:
+        try:
+            text = Path(self.log_file).read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(text[-lines:])
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop nbdkit (SIGTERM, then SIGKILL) and remove its pid file. Disconnects the workload."""
+        if self.pid is not None and self.alive():
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + timeout
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.alive():
+                log.warning("vm %s: nbdkit pid %d ignored SIGTERM; killing it", self.vm.name, self.pid)
+                os.kill(self.pid, signal.SIGKILL)
+                while self.alive():
+                    time.sleep(0.05)
+        if self._proc is not None:
+            self._proc.wait()
+            self._proc = None
+        self.pid = None
+        for path in (self.pid_file,):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
