@@ -234,5 +234,9 @@ def demo(keep: bool) -> None:
     sys.exit(run_demo(keep=keep))
 
 
+from agent.cli_report import report  # noqa: E402  (svmotion report FILE.json --png OUT.png)
+main.add_command(report)
+
+
 if __name__ == "__main__":
     main()
