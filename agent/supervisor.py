@@ -3,8 +3,9 @@
 Design notes
 - The workload must outlive the agent. nbdkit runs in its own session (start_new_session), its
   output goes to a log file in state_dir (a pipe would break, and SIGPIPE it, when the agent
-  dies), and nothing ties its life to ours (no --exit-with-parent). A SIGKILLed agent leaves the
-  guest's IO running; the stun lease covers the case where it died holding a stun.
+  dies), and it is not our child (see `launch_detached`: Debian's nbdkit sets a parent-death
+  signal on itself). A SIGKILLed agent leaves the guest's IO running; the stun lease covers the
+  case where it died holding a stun.
 - A restarted agent adopts instead of restarting: the pid file in state_dir records the pid and
   the process start time (so a recycled pid is never mistaken for our nbdkit), and adoption also
   requires the control socket to answer `hello` for this VM with that pid.
@@ -18,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -59,6 +61,42 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def remove_stale_socket(path: str) -> None:
+    """Unlink a Unix socket nobody listens on (a killed nbdkit leaves it; nbdkit will not bind over it).
+
+    A socket somebody still answers on is left alone: starting would fail with a clear error.
+    """
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        probe.close()
+
+
+# Run "$@" as an orphan: a subshell waits until its parent shell is gone (reaped by us), so it has
+# been re-parented, and only then execs nbdkit (same pid, printed first). Why: nbdkit 1.32 as
+# shipped in Debian 12 calls prctl(PR_SET_PDEATHSIG, SIGTERM) at start-up even without
+# --exit-with-parent (seen with strace), so a child of the agent would die with the agent.
+_LAUNCH = ('( while kill -0 "$$" 2>/dev/null; do sleep 0.005; done; exec "$@" ) '
+           '</dev/null >>"$SVMOTION_LOG" 2>&1 & echo $!')
+
+
+def launch_detached(cmd: list[str], log_file: str, env: dict[str, str]) -> int:
+    """Start `cmd` in a new session, not as our child, output appended to log_file; return its pid."""
+    with open(log_file, "ab") as out:
+        out.write(f"--- {time.strftime('%F %T')} {' '.join(cmd)}\n".encode())
+    shell = subprocess.run(["/bin/sh", "-c", _LAUNCH, "sh", *cmd], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                           env=dict(os.environ, SVMOTION_LOG=log_file, **env), timeout=10, check=True)
+    return int(shell.stdout)
+
+
 class Nbdkit:
     """The mirror node of one VM, started by us or adopted from a previous agent.
 
@@ -72,7 +110,6 @@ class Nbdkit:
         self.log_file = os.path.join(state_dir, f"{vm.name}.nbdkit.log")
         self.pid: int | None = None
         self._start_time: int | None = None
-        self._proc: subprocess.Popen[bytes] | None = None   # set only when we are its parent
         self.hello: dict[str, Any] = {}
 
     def client(self, timeout: float | None = 30.0) -> JsonLinesClient:
@@ -82,8 +119,6 @@ class Nbdkit:
     def alive(self) -> bool:
         if self.pid is None:
             return False
-        if self._proc is not None and self._proc.poll() is not None:
-            return False      # reaped: our child exited
         return process_start_time(self.pid) == self._start_time
 
     def adopt(self) -> bool:
@@ -130,15 +165,10 @@ class Nbdkit:
             self.stop()
         for path in (self.control, self.vm.socket):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_socket(self.vm.socket)
         cmd = nbdkit_command(self.vm, disk_paths, self.control)
-        env = dict(os.environ, PYTHONPATH=str(plugin_pythonpath()))
-        with open(self.log_file, "ab") as out:
-            out.write(f"--- {time.strftime('%F %T')} {' '.join(cmd)}\n".encode())
-            out.flush()
-            self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
-        self.pid = self._proc.pid
-        # The child exists once Popen returns; None here means it already exited (alive() says so).
+        self.pid = launch_detached(cmd, self.log_file, {"PYTHONPATH": str(plugin_pythonpath())})
+        # None here means it already exited (alive() says so, and _wait_ready shows the log).
         self._start_time = process_start_time(self.pid)
         deadline = time.monotonic() + READY_TIMEOUT_S
         tmp = self.pid_file + ".tmp"
@@ -185,9 +215,6 @@ class Nbdkit:
                 os.kill(self.pid, signal.SIGKILL)
                 while self.alive():
                     time.sleep(0.05)
-        if self._proc is not None:
-            self._proc.wait()
-            self._proc = None
         self.pid = None
         for path in (self.pid_file,):
             try:
