@@ -206,10 +206,23 @@ class VM:
             return {}
 
     def op_finish(self, req: dict, conn: Connection) -> dict:
+        # `paths` (optional, {disk: path}): the agent renamed the destination files after the
+        # switchover (DEST/x.raw.svmotion-partial -> DEST/x.raw); a legacy reopen must use the new name.
+        paths = req.get("paths") or {}
+        if not isinstance(paths, dict) or not all(isinstance(v, str) for v in paths.values()):
+            raise RequestError("finish: paths must map disk names to paths")
         with self._control:
+            for name, path in paths.items():
+                disk = self.disks.get(name)
+                if disk is None:
+                    raise RequestError(f"finish: unknown disk {name!r}; this VM has {', '.join(self.disks)}")
+                if disk.primary is None or not _same_file(disk.primary.fd, path):
+                    raise RequestError(f"finish: disk {name}: {path} is not the file the disk has open")
             for disk in self.disks.values():
                 if disk.state == SWITCHED:
                     disk.finish()
+                if disk.name in paths:
+                    disk.path = paths[disk.name]
             return {"disks": [{"name": d.name, "path": d.path} for d in self.disks.values()]}
 
     # --- stun lifecycle -------------------------------------------------------------------------
@@ -250,9 +263,12 @@ class VM:
             stun = self._stun
             if stun is None or stun.record.id != stun_id:
                 return
-            for undo in reversed(stun.undo):
-                undo()
-            self._end_stun(stun, "expired")
+            try:
+                for undo in reversed(stun.undo):
+                    undo()
+            finally:
+                # Even if an undo fails (a source file gone), the guest must not stay held.
+                self._end_stun(stun, "expired")
 
     def connection_closed(self, conn: Connection) -> None:
         stun = self._stun
@@ -339,6 +355,15 @@ def _number(req: dict, key: str, default: float, low: float, high: float) -> flo
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise RequestError(f"{req['op']}: {key} {value!r} must be a number from {low} to {high}")
     return value
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 def _reason(err: BaseException) -> str:
