@@ -1,0 +1,317 @@
+"""Shared test fixtures: processes by PID, raw images, the mirror node and nbdkit's file plugin.
+
+Design notes
+- Other engineers run nbdkit and qemu on this machine at the same time: every process a test
+  starts is tracked by the PID we got from Popen and stopped by that PID (SIGTERM, then SIGKILL),
+  never by name. nbdkit is also started with --exit-with-parent so that a crashed pytest leaves
+  nothing behind.
+- Unix socket paths are limited to 107 bytes and pytest's tmp_path can be longer, so sockets live
+  in a short private directory under /tmp (`sock_dir`), removed afterwards.
+- Images are written in pieces of at most 64 KiB (no large buffers, and a sparse image keeps its
+  holes exactly where the test wants them).
+- The mirror node is started exactly as docs/interfaces.md section 1 says; the fixture waits until
+  both the NBD socket and the control socket answer, and puts nbdkit's log in the error if not.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from agent.jsonlines import JsonLinesClient  # noqa: E402
+from agent.writer import PATTERN, fill_pattern_image  # noqa: E402
+
+MiB = 1024 * 1024
+WRITE_PIECE = 64 * 1024
+READY_TIMEOUT_S = 20.0
+
+
+# ---- processes ------------------------------------------------------------------------------
+
+class Processes:
+    """Processes a test started, stopped by PID at teardown (newest first)."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, argv: list[str], *, log: Path | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start `argv` with stdout+stderr to `log` (or /dev/null); it is stopped at teardown."""
+        out = open(log, "ab") if log else subprocess.DEVNULL
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    env=env)
+        finally:
+            if log:
+                out.close()
+        self._procs.append(proc)
+        return proc
+
+    @staticmethod
+    def stop(proc: subprocess.Popen[bytes], timeout: float = 3.0) -> int:
+        """SIGTERM, then SIGKILL after `timeout`; returns the exit status.
+
+        (nbdkit --threads N does not exit on SIGTERM while a client that sent a request stays
+        connected: its worker sits in read(). Tests disconnect first; SIGKILL covers the rest.)
+        """
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                return proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        return proc.wait()
+
+    def stop_all(self) -> None:
+        for proc in reversed(self._procs):
+            self.stop(proc)
+        self._procs.clear()
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    procs = Processes()
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short private directory for Unix sockets (tmp_path may exceed the 107-byte limit)."""
+    path = Path(tempfile.mkdtemp(prefix="svm-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str,
+               proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+    """Poll `condition` every 20 ms; fail naming `what` (and the log tail) on timeout or process exit."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        exited = proc is not None and proc.poll() is not None
+        if exited or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            state = f"process exited with {proc.returncode}" if exited else f"timed out after {timeout} s"
+            raise AssertionError(f"waiting for {what}: {state}\n{tail}")
+        time.sleep(0.02)
+
+
+def socket_answers(path: Path | str) -> bool:
+    """True when a Unix stream socket accepts a connection."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+# ---- images ---------------------------------------------------------------------------------
+
+def make_sparse_image(path: Path, size: int, data: list[tuple[int, int]] = (), *,
+                      disk: str | None = None) -> Path:
+    """A raw image of `size` bytes, all hole except the (offset, length) `data` ranges.
+
+    Data is the writer's generation-0 pattern of `disk` (default: the file's stem), so a
+    VerifyingWriter with `initial={disk: <a copy of this file>}` can check it later.
+    """
+    fill_pattern_image(path, disk or path.stem, size, extents=list(data))
+    return path
+
+
+def make_dense_image(path: Path, size: int, *, disk: str | None = None, random_data: bool = False) -> Path:
+    """A fully allocated raw image: the writer's generation-0 pattern (`initial=PATTERN`) or random bytes."""
+    if not random_data:
+        fill_pattern_image(path, disk or path.stem, size)
+        return path
+    with open(path, "wb") as f:
+        for _ in range(0, size, WRITE_PIECE):
+            f.write(os.urandom(WRITE_PIECE))
+        f.truncate(size)
+    return path
+
+
+def allocated_bytes(path: Path) -> int:
+    """Bytes the filesystem actually holds for a file (st_blocks, what `du` reports)."""
+    return os.stat(path).st_blocks * 512
+
+
+def same_content(a: Path, b: Path, piece: int = MiB) -> list[int]:
+    """Offsets of the `piece`-sized ranges where two files differ (empty: identical, sizes included)."""
+    diff = []
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        if os.fstat(fa.fileno()).st_size != os.fstat(fb.fileno()).st_size:
+            return [-1]
+        offset = 0
+        while True:
+            x, y = fa.read(piece), fb.read(piece)
+            if not x and not y:
+                return diff
+            if x != y:
+                diff.append(offset)
+            offset += piece
+
+
+# ---- nbdkit servers -------------------------------------------------------------------------
+
+@dataclass
+class MirrorNode:
+    """One nbdkit with the real plugin, serving a VM's disks on a Unix socket."""
+    vm: str
+    proc: subprocess.Popen[bytes]
+    socket: Path
+    control: Path
+    disks: dict[str, Path]            # name -> source image, in disk order
+    log: Path
+    lease: float
+    clients: list[JsonLinesClient] = field(default_factory=list)
+
+    def uri(self, disk: str = "") -> str:
+        return f"nbd+unix:///{disk}?socket={self.socket}"
+
+    def uris(self) -> dict[str, str]:
+        return {name: self.uri(name) for name in self.disks}
+
+    def client(self, timeout: float | None = 30.0) -> JsonLinesClient:
+        """A new control connection, closed at teardown (a stun belongs to its connection)."""
+        c = JsonLinesClient(str(self.control), timeout=timeout)
+        self.clients.append(c)
+        return c
+
+    def log_tail(self, n: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+
+def mirror_node_command(vm: str, sock: Path, control: Path, disks: dict[str, Path],
+                        lease: float | None) -> list[str]:
+    """The command line of docs/interfaces.md section 1 (plus --exit-with-parent for tests)."""
+    from nbd_plugin import plugin_script
+    cmd = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", str(sock), "--threads", "16",
+           "python", str(plugin_script()), f"vm={vm}"]
+    cmd += [f"disk={name}:{path}" for name, path in disks.items()]
+    cmd.append(f"control={control}")
+    if lease is not None:
+        cmd.append(f"lease={lease}")
+    return cmd
+
+
+@pytest.fixture
+def start_mirror_node(tmp_path: Path, sock_dir: Path, processes: Processes) -> Iterator[Callable[..., MirrorNode]]:
+    """Factory: start the mirror node for given disks; stops it (by PID) at teardown.
+
+    Example: `node = start_mirror_node({"disk0": img}, lease=0.5); node.client().call("hello")`
+    """
+    nodes: list[MirrorNode] = []
+
+    def start(disks: dict[str, Path], *, vm: str = "vm1", lease: float | None = None) -> MirrorNode:
+        n = len(nodes)
+        sock, control = sock_dir / f"{vm}-{n}.nbd", sock_dir / f"{vm}-{n}.ctl"
+        log = tmp_path / f"nbdkit-{vm}-{n}.log"
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        proc = processes.spawn(mirror_node_command(vm, sock, control, disks, lease), log=log, env=env)
+        wait_until(lambda: socket_answers(sock) and socket_answers(control), READY_TIMEOUT_S,
+                   f"mirror node {vm} on {sock} and {control}", proc, log)
+        node = MirrorNode(vm, proc, sock, control, dict(disks), log, lease if lease is not None else 2.0)
+        nodes.append(node)
+        return node
+
+    try:
+        yield start
+    finally:
+        for node in nodes:
+            for c in node.clients:
+                try:
+                    c.close()
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def vm_factory(tmp_path: Path, start_mirror_node: Callable[..., MirrorNode]) -> Callable[..., MirrorNode]:
+    """Factory: a VM of N dense pattern disks (`initial=PATTERN` for the writer) under the mirror node.
+
+    Example: `node = vm_factory(4, size=16 * MiB)`; sources in tmp_path/src, named disk0..diskN-1.
+    """
+    def make(n_disks: int = 2, *, size: int = 16 * MiB, lease: float | None = None, vm: str = "vm1") -> MirrorNode:
+        src = tmp_path / "src"
+        src.mkdir(exist_ok=True)
+        disks = {f"disk{i}": make_dense_image(src / f"disk{i}.raw", size) for i in range(n_disks)}
+        return start_mirror_node(disks, vm=vm, lease=lease)
+
+    return make
+
+
+@pytest.fixture
+def vm2(vm_factory: Callable[..., MirrorNode]) -> MirrorNode:
+    """A VM of two 16 MiB disks; `vm2.control` is its control socket."""
+    return vm_factory(2)
+
+
+@pytest.fixture
+def start_file_server(sock_dir: Path, tmp_path: Path, processes: Processes) -> Callable[..., str]:
+    """Factory: nbdkit's own `file` plugin on an image; returns its NBD URI (the reference server)."""
+    count = [0]
+
+    def start(image: Path, *extra: str) -> str:
+        count[0] += 1
+        sock = sock_dir / f"file-{count[0]}.nbd"
+        log = tmp_path / f"nbdkit-file-{count[0]}.log"
+        proc = processes.spawn(["nbdkit", "--foreground", "--exit-with-parent", "--unix", str(sock),
+                                "--threads", "16", "file", f"file={image}", *extra], log=log)
+        wait_until(lambda: socket_answers(sock), READY_TIMEOUT_S, f"nbdkit file on {sock}", proc, log)
+        return f"nbd+unix:///?socket={sock}"
+
+    return start
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """Factory: mount a tmpfs of `size` bytes (for a destination that runs out of space); unmounted after."""
+    mounts: list[Path] = []
+
+    def mount(size: int) -> Path:
+        where = tmp_path / f"tmpfs{len(mounts)}"
+        where.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+                       check=True, capture_output=True)
+        mounts.append(where)
+        return where
+
+    try:
+        yield mount
+    finally:
+        for where in reversed(mounts):
+            subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
+
+
+_THIS_MODULE = sys.modules[__name__]
+
+
+@pytest.fixture
+def testlib():
+    """This module, for its helpers (make_sparse_image, same_content, MiB, ...).
+
+    Tests use this instead of `import conftest`: several directories have a conftest.py and
+    pytest keeps only the last one imported under that name.
+    """
+    return _THIS_MODULE
