@@ -58,6 +58,11 @@ try:
 except Exception:  # not installed (running from a source tree)
     VERSION = "0.0.0"
 
+# The plugin's backend error counters (nbd_plugin: disk.py, mirror.py, copier.py, vm.py).
+ERROR_OPS = {"source": ("pread", "pwrite", "flush", "trim", "zero"),
+             "dest": ("pwrite", "flush", "trim", "zero", "copy")}
+ZERO_ERRORS = {f"{side}:{op}": 0.0 for side, ops in ERROR_OPS.items() for op in ops}
+
 StatusSource = Callable[[], dict[str, dict]]
 
 
@@ -240,10 +245,12 @@ def _add_disk(families: dict, vm: str, disk: str, status: dict) -> None:
     latency = status["write_latency"]
     buckets = _latency_buckets(latency)
     # Validate everything before adding anything, so a bad disk adds no partial samples.
-    errors = [(key.split(":", 1), float(n)) for key, n in (status.get("errors") or {}).items()]
-    for parts, _ in errors:
-        if len(parts) != 2:
-            raise ValueError(f"error key {':'.join(parts)!r} is not 'side:op'")
+    reported = {key: float(n) for key, n in (status.get("errors") or {}).items()}
+    for key in reported:
+        if len(key.split(":")) != 2:
+            raise ValueError(f"error key {key!r} is not 'side:op'")
+    # Known side:op pairs at 0 unless reported, so the first error is a step rate() can see.
+    errors = [(key.split(":"), n) for key, n in sorted({**ZERO_ERRORS, **reported}.items())]
     for kind in ("bulk", "dirty"):
         families["copied"].add_metric([vm, disk, kind], float(copied[kind]))
     families["guest"].add_metric([vm, disk], float(status["guest_written_bytes"]))

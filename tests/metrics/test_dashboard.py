@@ -11,7 +11,7 @@ import re
 
 import pytest
 import yaml
-from conftest import (GRAFANA, disk_status, fetch, prometheus_running, sample_names,
+from promlab import (GRAFANA, disk_status, fetch, prometheus_running, sample_names,
                       status_reply)
 from promql import GRAFANA_VAR, Selector, grafana_exprs, rule_exprs, selectors
 

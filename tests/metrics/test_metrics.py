@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from conftest import disk_status, fetch, need, sample_names, status_reply
+from promlab import disk_status, fetch, need, sample_names, status_reply
 
 from agent import metrics
 
@@ -102,6 +102,9 @@ def test_plugin_collector_turns_disk_status_into_families(registry):
     assert v("svmotion_dirtied_bytes_total", disk="disk0") == 8192
     assert v("svmotion_backend_errors_total", disk="disk0", side="dest", op="pwrite") == 3
     assert v("svmotion_backend_errors_total", disk="disk0", side="source", op="flush") == 1
+    # known pairs exist at 0 before their first error (so rate() sees that error)
+    assert v("svmotion_backend_errors_total", disk="disk1", side="dest", op="pwrite") == 0
+    assert v("svmotion_backend_errors_total", disk="disk1", side="source", op="pread") == 0
     assert v("svmotion_guest_write_latency_seconds_bucket", disk="disk0", le="0.001") == 5
     assert v("svmotion_guest_write_latency_seconds_bucket", disk="disk0", le="+Inf") == 8
     assert v("svmotion_guest_write_latency_seconds_count", disk="disk0") == 8

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import GRAFANA, need
+from promlab import GRAFANA, need
 
 RULES = GRAFANA / "svmotion.rules.yml"
 ALERTS = [r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]

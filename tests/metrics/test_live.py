@@ -1,0 +1,237 @@
+"""A real Prometheus scraping a real agent during a real migration under a random writer.
+
+One migration (module-scoped: it is the expensive part) feeds every check of issue 3 that
+needs live data: promtool on the exposition taken mid-migration, the stun histogram, the
+dirty-bytes series and the VM's phase read back through Prometheus' HTTP API, every dashboard
+and rule selector against the agent's own scrape, and the PNG report of the `--report` file.
+
+Processes: the agent and Prometheus are started here and stopped by PID; the agent is asked
+to `shutdown` with stop_vms so it stops its nbdkit, and that nbdkit's PID (from `status`) is
+killed as a last resort if it survives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from promlab import (REPO, Prometheus, fetch, free_port, need, prometheus_running)
+from test_dashboard import missing_selectors
+from test_report import check_png
+
+from agent.jsonlines import JsonLinesClient
+from agent.writer import PATTERN, VerifyingWriter, fill_pattern_image
+
+pytestmark = pytest.mark.slow
+
+DISK_SIZE = 48 * 2**20
+COPY_RATE = "12M"        # bytes/s: the bulk copy lasts ~4 s, long enough to watch every phase
+WRITER_RATE = 3 * 2**20  # bytes/s of guest writes: load, without starving the 2 shared cores
+
+
+@dataclass
+class LiveMigration:
+    prom: Prometheus
+    metrics_url: str
+    record: dict
+    report_path: Path
+    mid_exposition: str = ""
+    phases_seen_live: set[str] = field(default_factory=set)
+    started: float = 0.0
+    ended: float = 0.0
+    writer_errors: list[str] = field(default_factory=list)
+
+
+def svmotion(*args: str, sock: Path) -> list[str]:
+    return [sys.executable, "-m", "agent.cli", "--agent-socket", str(sock), *args]
+
+
+def wait_ok(what: str, check, timeout: float, proc: subprocess.Popen | None = None,
+            log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise AssertionError(f"waiting for {what} failed\n{tail}")
+        time.sleep(0.1)
+
+
+def stop_agent(proc: subprocess.Popen, api_sock: Path, nbdkit_pids: list[int]) -> None:
+    try:
+        with JsonLinesClient(str(api_sock), timeout=10) as c:
+            c.call("shutdown", stop_vms=True)
+    except Exception:
+        pass
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for pid in nbdkit_pids:  # only the nbdkit this agent reported, and only if still ours
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"nbdkit" in cmdline and str(api_sock.parent).encode() in cmdline:
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory) -> LiveMigration:
+    need("nbdkit")
+    tmp = tmp_path_factory.mktemp("live")
+    sock_dir = Path(tempfile.mkdtemp(prefix="svm3-", dir="/tmp"))  # sun_path is 107 bytes
+    src, dest, state = tmp / "src", tmp / "dest", tmp / "state"
+    for d in (src, dest, state):
+        d.mkdir()
+    fill_pattern_image(src / "disk0.raw", "disk0", DISK_SIZE)
+    metrics_addr = f"127.0.0.1:{free_port()}"
+    api_sock = sock_dir / "agent.sock"
+    config = tmp / "agent.toml"
+    config.write_text(
+        f'[agent]\nsocket = "{api_sock}"\nstate_dir = "{state}"\nmetrics = "{metrics_addr}"\n\n'
+        f'[[vm]]\nname = "vm1"\nsocket = "{sock_dir / "vm1.nbd"}"\n\n'
+        f'  [[vm.disk]]\n  name = "disk0"\n  path = "{src / "disk0.raw"}"\n')
+    agent_log = tmp / "agent.log"
+    with open(agent_log, "wb") as log:
+        agent = subprocess.Popen(svmotion("agent", "--config", str(config), sock=api_sock),
+                                 cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=subprocess.STDOUT)
+    nbdkit_pids: list[int] = []
+    metrics_url = f"http://{metrics_addr}/metrics"
+    try:
+        wait_ok("the agent's /metrics", lambda: "svmotion_agent_up" in fetch(metrics_url, 1),
+                30, agent, agent_log)
+        with JsonLinesClient(str(api_sock), timeout=10) as c:
+            vms = c.call("status")["vms"]
+        nbdkit_pids = [vm["nbdkit_pid"] for vm in vms if vm.get("nbdkit_pid")]
+        with prometheus_running(tmp / "prometheus", metrics_addr) as prom:
+            prom.wait_for('up{job="svmotion"} == 1', lambda r: len(r) == 1)
+            run = LiveMigration(prom, metrics_url, {}, tmp / "vm1.report.json")
+            migrate_under_load(run, sock_dir, api_sock, dest, agent_log)
+            # one more scrape after the end, so Prometheus holds the final counters
+            prom.wait_for('sum(svmotion_migrations_total{vm="vm1",result="success"})',
+                          lambda r: bool(r) and float(r[0]["value"][1]) == 1)
+            yield run
+    finally:
+        stop_agent(agent, api_sock, nbdkit_pids)
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def migrate_under_load(run: LiveMigration, sock_dir: Path, api_sock: Path, dest: Path,
+                       agent_log: Path) -> None:
+    """Migrate vm1 under the writer, watching Prometheus and /metrics while it runs."""
+    writer = VerifyingWriter({"disk0": f"nbd+unix:///disk0?socket={sock_dir / 'vm1.nbd'}"},
+                             initial={"disk0": PATTERN}, connections=2, queue_depth=4,
+                             rate=WRITER_RATE, seed=3)
+    writer.start()
+    try:
+        time.sleep(1.0)  # guest IO before the migration, as in life
+        run.started = time.time()
+        migrate = subprocess.Popen(
+            svmotion("migrate", "vm1", "--dest", str(dest), "--rate", COPY_RATE,
+                     "--report", str(run.report_path), "--json", sock=api_sock),
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while migrate.poll() is None:
+            for result in run.prom.query('svmotion_migration_phase{vm="vm1"} == 1'):
+                run.phases_seen_live.add(result["metric"]["phase"])
+            if not run.mid_exposition and "DiskCopy" in run.phases_seen_live:
+                text = fetch(run.metrics_url)
+                if 'svmotion_migration_phase{phase="DiskCopy",vm="vm1"} 1.0' in text:
+                    run.mid_exposition = text
+            time.sleep(0.3)
+        out, err = migrate.communicate()
+        run.ended = time.time()
+        assert migrate.returncode == 0, (f"migrate exited {migrate.returncode}: {err}\n"
+                                         + agent_log.read_text(errors="replace")[-3000:])
+    finally:
+        report = writer.stop()
+    run.writer_errors = list(report.errors)
+    assert report.writes > 0, "the writer wrote nothing: no load"
+    run.record = json.loads(run.report_path.read_text())
+
+
+def test_migration_succeeded_under_load(live):
+    assert live.record["state"] == "success", live.record.get("error")
+    assert live.writer_errors == []
+
+
+def test_promtool_check_metrics_on_the_exposition_during_the_migration(live):
+    assert live.mid_exposition, "no /metrics taken while the VM was in DiskCopy"
+    check = subprocess.run([need("promtool"), "check", "metrics"], input=live.mid_exposition,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert 'svmotion_dirty_bytes{disk="disk0",vm="vm1"}' in live.mid_exposition
+
+
+def test_prometheus_counts_both_stuns(live):
+    kinds = sorted(s["kind"] for s in live.record["stuns"])
+    assert kinds == ["mirror_install", "switchover"], kinds
+    result = live.prom.query('sum by (kind, strategy) (svmotion_stun_duration_seconds_count{vm="vm1"})')
+    counted = {(r["metric"]["kind"], r["metric"]["strategy"]): float(r["value"][1]) for r in result}
+    assert counted == {("mirror_install", "optimized"): 1.0, ("switchover", "optimized"): 1.0}
+    total = live.prom.query('sum(svmotion_stun_duration_seconds_count{vm="vm1"})')
+    assert float(total[0]["value"][1]) == 2
+    # the histogram holds the stun times the agent recorded
+    sums = live.prom.query('sum(svmotion_stun_duration_seconds_sum{vm="vm1"})')
+    expected = sum(float(s["duration_seconds"]) for s in live.record["stuns"])
+    assert float(sums[0]["value"][1]) == pytest.approx(expected, rel=1e-6)
+    inf = live.prom.query('sum(svmotion_stun_duration_seconds_bucket{vm="vm1",le="+Inf"})')
+    assert float(inf[0]["value"][1]) == 2
+
+
+def test_prometheus_has_the_dirty_bytes_series(live):
+    data = live.prom.api("query_range", query='svmotion_dirty_bytes{vm="vm1",disk="disk0"}',
+                         start=str(live.started - 2), end=str(time.time()), step="0.5")
+    assert len(data["result"]) == 1, data
+    values = [float(v) for _, v in data["result"][0]["values"]]
+    assert len(values) >= 5
+    assert max(values) > 2**20, "dirty bytes never rose: the bulk copy was not seen"
+    assert values[-1] < max(values), "dirty bytes never fell"
+
+
+def test_prometheus_knows_the_phase_of_the_vm(live):
+    assert {"DiskCopy"} <= live.phases_seen_live, live.phases_seen_live
+    data = live.prom.api("query_range", query='svmotion_migration_phase{vm="vm1"} == 1',
+                         start=str(live.started - 2), end=str(time.time()), step="0.5")
+    seen = {r["metric"]["phase"] for r in data["result"]}
+    assert {"DiskCopy", "CopyDirtyData"} & seen, seen
+    # after the migration no phase is current
+    assert live.prom.query('svmotion_migration_phase{vm="vm1"} == 1') == []
+
+
+def test_every_dashboard_and_rule_selector_is_in_the_live_scrape(live):
+    assert missing_selectors(fetch(live.metrics_url)) == []
+
+
+def test_no_alert_fires_after_a_good_migration(live):
+    alerts = live.prom.api("alerts")["alerts"]
+    assert [a for a in alerts if a["state"] == "firing"] == []
+
+
+def test_png_report_of_the_real_migration(live, tmp_path):
+    out = tmp_path / "vm1.png"
+    result = subprocess.run(svmotion("report", str(live.report_path), "--png", str(out),
+                                     sock=tmp_path / "unused.sock"),
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "stun switchover" in result.stdout
+    check_png(out)
