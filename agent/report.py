@@ -136,8 +136,10 @@ def render_png(record: dict[str, Any], out: str | Path) -> Path:
                   linewidth=2, drawstyle="steps-post", label="dirty (not yet on destination)")
         conv.set_ylabel("dirty MiB")
         conv.set_ylim(bottom=0, top=max(float(s["dirty_bytes"]) for s in samples) / MIB * 1.15 or 1)
+        # A stun falls just before the first sample (mirror_install) or just after the last
+        # (switchover, which ends the sampling): draw any within a second of the timeline.
         for when, kind, duration, wait in stun_times(record):
-            if when is not None and t[0] <= when <= t[-1]:
+            if when is not None and t[0] - 1.0 <= when <= t[-1] + 1.0:
                 conv.axvline(when, color="black", linestyle="--", linewidth=1)
                 conv.annotate(f"{kind} stun {duration * 1000:.1f} ms", (when, 0),
                               xytext=(3, 4), textcoords="offset points", rotation=90,
