@@ -35,7 +35,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
-	$(VENV)/bin/svmotion bench --out bench
+	$(PY) -m benchmarks --out bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,498 @@
+"""The eight cases of issue 4, each measured side by side with its reference in the same run.
+
+Design notes
+- Every case builds its own images in its own directory (written in 64 KiB chunks, see
+  images.py), starts its own servers by PID and removes everything on the way out, so a case
+  that fails cannot poison the next; the harness records the error and carries on.
+- Repetitions are interleaved (A B A B ...) rather than blocked (A A A B B B) wherever two
+  systems are compared, so a noisy neighbour on this shared machine hits both sides alike.
+- Stuns are timed three ways (svm.py): the plugin's gate time, the plugin's longest held
+  request, and the guest-visible wait from the loadgen trace (the target is held to the last).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from . import images, procs, tools
+from .loadgen import LoadGen, Trace
+from .qemu_mirror import mirror_run
+from .report import Case
+from .stats import ratio, summarize
+from .svm import MirrorNodeDriver, Migration
+
+MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
+LOAD_RATE = 20_000_000  # 20 MB/s of 4 KiB random writes, the issue's paced load
+SETTLE = 0.25           # pause between migrations so one's tail never lands in the next's window
+
+
+@dataclass(frozen=True)
+class Config:
+    """Sizes and repetitions; FULL is what `make bench` runs, QUICK is the smoke test's."""
+
+    name: str
+    stun_disk: int = 256 * MiB
+    stun_migrations: int = 20
+    qemu_reps: int = 5
+    legacy_disk: int = 4 * MiB
+    legacy_reps: int = 8
+    legacy_counts: tuple[int, ...] = (1, 4, 16)
+    during_disk: int = 1 * GiB
+    during_reps: int = 3
+    bulk_disk: int = 2 * GiB
+    bulk_reps: int = 3
+    sparse_virtual: int = 64 * GiB
+    sparse_data: int = 1 * GiB
+    sparse_reps: int = 3
+    fio_image: int = 1 * GiB
+    fio_seconds: float = 4.0
+    fio_reps: int = 3
+    scale_virtual: int = 1 * TiB
+    scale_disks: int = 32
+    scale_disk_size: int = 64 * GiB
+    pre_seconds: float = 1.5
+
+
+FULL = Config("full")
+QUICK = Config("quick", stun_disk=16 * MiB, stun_migrations=2, qemu_reps=1, legacy_disk=1 * MiB,
+               legacy_reps=1, legacy_counts=(1, 4), during_disk=64 * MiB, during_reps=1,
+               bulk_disk=64 * MiB, bulk_reps=1, sparse_virtual=4 * GiB, sparse_data=64 * MiB,
+               sparse_reps=1, fio_image=64 * MiB, fio_seconds=1.0, fio_reps=1,
+               scale_virtual=64 * GiB, scale_disks=4, scale_disk_size=1 * GiB, pre_seconds=0.5)
+
+
+class Context:
+    """Where a case works and what it is configured with."""
+
+    def __init__(self, root: str, cfg: Config):
+        self.root = root
+        self.cfg = cfg
+
+    @contextlib.contextmanager
+    def workdir(self, name: str) -> Iterator[str]:
+        path = os.path.join(self.root, name)
+        os.makedirs(path, exist_ok=True)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def mirror_node(self, work: str, disks: dict[str, str], vm: str = "vm1"
+                    ) -> Iterator[tuple[procs.Service, MirrorNodeDriver, str]]:
+        """A running mirror node serving `disks` {name: path}, its control driver, its NBD socket."""
+        sock, control = os.path.join(work, f"{vm}.nbd"), os.path.join(work, f"{vm}.ctl")
+        node = procs.mirror_node(vm, list(disks.items()), sock, control, work)
+        with node:
+            driver = MirrorNodeDriver(control, disks)
+            try:
+                yield node, driver, sock
+            finally:
+                driver.close()
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms"
+
+
+def switchover_wait(trace: Trace, m: Migration) -> float:
+    """Guest-visible wait of a switchover: from sending `stun` until `finish` has answered."""
+    assert m.switchover is not None
+    return trace.max_wait(m.switchover.window[0], m.finish_returned)
+
+
+def install_wait(trace: Trace, m: Migration) -> float:
+    assert m.install is not None
+    return trace.max_wait(*m.install.window)
+
+
+def quiet_latencies(trace: Trace, migrations: list[Migration], margin: float = 0.05) -> list[float]:
+    """Latencies of requests due while no migration was running: the machine's noise floor."""
+    busy = [(m.started - margin, m.finished + margin) for m in migrations]
+    start = trace.meta["start"] + 0.2
+    return [d - s for s, d in zip(trace.due, trace.done)
+            if s >= start and d == d and not any(a <= s <= b for a, b in busy)]
+
+
+# --- case 1 -------------------------------------------------------------------------------------
+
+def case_stun_under_load(ctx: Context) -> Case:
+    case = Case("1", "Switchover stun under load",
+                "guest-visible wait around switchover p99 <= 5 ms (4 KiB random writes, QD 8, "
+                "at 20 MB/s and at max rate, >= 20 migrations each)")
+    cfg = ctx.cfg
+    loads = [("20 MB/s", LOAD_RATE), ("max rate", 0)]
+    ours: dict[str, float] = {}
+    with ctx.workdir("case1") as work:
+        for label, rate in loads:
+            disk = images.make_dense(os.path.join(work, "disk0.raw"), cfg.stun_disk)
+            with ctx.mirror_node(work, {"disk0": disk}) as (node, drv, sock):
+                case.command(node.command)
+                lg = LoadGen([procs.nbd_uri(sock, "disk0")], os.path.join(work, "load"), rate=rate)
+                case.command(lg.command)
+                migrations = []
+                with lg:
+                    time.sleep(cfg.pre_seconds)
+                    for _ in range(cfg.stun_migrations):
+                        migrations.append(drv.migrate(keep_old=True))
+                        time.sleep(SETTLE)
+                    trace = lg.stop()
+            case.command("per migration (control socket): stun kind=switchover; switchover; unstun; "
+                         "finish  [after install_mirror, bulk copy, flush_dest]")
+            waits = [switchover_wait(trace, m) for m in migrations]
+            ours[label] = case.add(f"svmotion switchover, guest-visible wait ({label})",
+                                   waits, "s").summary["median"]
+            case.add(f"svmotion switchover, longest held request in plugin ({label})",
+                     [m.switchover.max_wait for m in migrations], "s")
+            case.add(f"svmotion switchover, stun duration in plugin ({label})",
+                     [m.switchover.duration for m in migrations], "s")
+            case.add(f"svmotion mirror install, guest-visible wait ({label})",
+                     [install_wait(trace, m) for m in migrations], "s")
+            case.add(f"no migration running: request latency ({label})",
+                     quiet_latencies(trace, migrations), "s")
+            if trace.errors or trace.unfinished:
+                case.notes.append(f"{label}: the guest saw {trace.errors} errors, "
+                                  f"{trace.unfinished} unfinished requests")
+            case.verdict(f"svmotion switchover guest-visible wait p99 at {label}",
+                         summarize(waits)["p99"], 0.005, "lower", "s")
+            for path in os.listdir(work):
+                if path.endswith(".raw"):
+                    os.unlink(os.path.join(work, path))
+        # QEMU's pivot under the same loads, same disk size, same client.
+        source = images.make_dense(os.path.join(work, "qemu-src.raw"), cfg.stun_disk)
+        for label, rate in loads:
+            pivots: dict[str, list[float]] = {"background": [], "write-blocking": []}
+            for _ in range(cfg.qemu_reps):
+                for mode in pivots:
+                    run = mirror_run(work, source, cfg.stun_disk, mode, rate,
+                                     pre_seconds=cfg.pre_seconds)
+                    case.command(run.command)
+                    if run.converged:
+                        pivots[mode].append(run.pivot_wait)
+            for mode, samples in pivots.items():
+                case.add(f"QEMU {mode} mirror, guest-visible wait at pivot ({label})", samples, "s")
+            for mode, samples in pivots.items():
+                case.notes.append(f"{label}: QEMU {mode} pivot median / svmotion switchover median = "
+                                  f"{ratio(summarize(samples)['median'], ours[label]):.0f}x")
+    return case
+
+
+# --- case 2 -------------------------------------------------------------------------------------
+
+def case_strategies(ctx: Context) -> Case:
+    case = Case("2", "Optimized vs legacy stun strategy",
+                "optimized stun >= 10x shorter than legacy; optimized <= 10 ms p99 with 16 disks")
+    cfg = ctx.cfg
+    with ctx.workdir("case2") as work:
+        for n in cfg.legacy_counts:
+            disks = {f"disk{i}": images.make_dense(os.path.join(work, f"disk{i}.raw"), cfg.legacy_disk)
+                     for i in range(n)}
+            with ctx.mirror_node(work, disks) as (node, drv, sock):
+                case.command(node.command if n <= 4 else node.command.split(" disk=disk4")[0] +
+                             f" ... (disk=diskI:PATH for I < {n}) control=... lease=2.0")
+                for load_label, rate in (("idle", None), ("20 MB/s", LOAD_RATE)):
+                    results: dict[str, list[Migration]] = {"optimized": [], "legacy": []}
+                    lg = None
+                    if rate is not None:
+                        loaded = [procs.nbd_uri(sock, f"disk{i}") for i in range(min(n, 4))]
+                        lg = LoadGen(loaded, os.path.join(work, "load"), rate=rate,
+                                     qd=max(2, 8 // len(loaded))).start()
+                        case.command(lg.command)
+                        time.sleep(cfg.pre_seconds)
+                    try:
+                        for _ in range(cfg.legacy_reps):
+                            for strategy in results:
+                                results[strategy].append(drv.migrate(strategy=strategy))
+                                time.sleep(SETTLE if lg else 0.02)
+                        trace = lg.stop() if lg else None
+                    finally:
+                        if lg:
+                            lg.kill()
+                    _strategy_rows(case, n, load_label, results, trace)
+    return case
+
+
+def _strategy_rows(case: Case, n: int, load: str, results: dict[str, list[Migration]],
+                   trace: Trace | None) -> None:
+    for kind in ("install", "switchover"):
+        medians = {}
+        for strategy, ms in results.items():
+            stuns = [getattr(m, kind) for m in ms]
+            row = case.add(f"{n} disk(s), {load}, {kind} stun, {strategy}",
+                           [s.duration for s in stuns], "s")
+            medians[strategy] = row.summary["median"]
+            if trace is not None:
+                waits = [install_wait(trace, m) if kind == "install" else switchover_wait(trace, m)
+                         for m in ms]
+                wrow = case.add(f"{n} disk(s), {load}, {kind} guest-visible wait, {strategy}",
+                                waits, "s")
+                if n >= 16 and strategy == "optimized":
+                    case.verdict(f"optimized {kind} guest-visible wait p99, {n} disks, {load}",
+                                 wrow.summary["p99"], 0.010, "lower", "s")
+            elif n >= 16 and strategy == "optimized":
+                case.verdict(f"optimized {kind} stun p99, {n} disks, {load}",
+                             row.summary["p99"], 0.010, "lower", "s")
+        case.verdict(f"legacy / optimized {kind} stun, {n} disk(s), {load}",
+                     ratio(medians["legacy"], medians["optimized"]), 10.0, "higher", "ratio")
+
+
+# --- cases 3 and 4 ------------------------------------------------------------------------------
+
+def case_during_copy(ctx: Context) -> tuple[Case, Case]:
+    """Guest throughput during the bulk copy (case 3) and copy amplification (case 4), one run."""
+    c3 = Case("3", "Guest throughput during the bulk copy",
+              "max-rate 4 KiB writes during the copy >= 60% of the rate before (sync mirror)")
+    c4 = Case("4", "Copy amplification",
+              "bytes written to the destination / disk size <= 1.05x under max-rate writes")
+    cfg = ctx.cfg
+    size = cfg.during_disk
+    frac: dict[str, list[float]] = {"svmotion sync": [], "QEMU background": [], "QEMU write-blocking": []}
+    before: dict[str, list[float]] = {k: [] for k in frac}
+    during: dict[str, list[float]] = {k: [] for k in frac}
+    amp: dict[str, list[float]] = {"svmotion sync, at switchover": [], "svmotion sync, copier only": [],
+                                   "svmotion sync, nbdkit wchar cross-check": [],
+                                   "QEMU background, at READY": [], "QEMU background, at pivot": [],
+                                   "QEMU write-blocking, at READY": [], "QEMU write-blocking, at pivot": []}
+    copy_seconds: list[float] = []
+    with ctx.workdir("case3") as work:
+        source = images.make_dense(os.path.join(work, "disk0.raw"), size)
+        for _ in range(cfg.during_reps):
+            # svmotion: migrate under a max-rate writer.
+            with ctx.mirror_node(work, {"disk0": source}) as (node, drv, sock):
+                c3.command(node.command)
+                lg = LoadGen([procs.nbd_uri(sock, "disk0")], os.path.join(work, "load"), rate=0)
+                c3.command(lg.command)
+                with lg:
+                    time.sleep(cfg.pre_seconds)
+                    w0, t0 = procs.written_chars(node.pid), time.monotonic()
+                    m = drv.migrate(keep_old=True)
+                    w1, t1 = procs.written_chars(node.pid), time.monotonic()
+                    trace = lg.stop()
+            start = trace.meta["start"] + 0.3
+            b = trace.throughput(start, m.started)
+            d = trace.throughput(m.copy_started, m.copy_done)
+            before["svmotion sync"].append(b)
+            during["svmotion sync"].append(d)
+            frac["svmotion sync"].append(ratio(d, b))
+            copy_seconds.append(m.copy_seconds)
+            disk = m.disks_before_switch["disk0"]
+            dest_bytes = disk["dest_written_bytes"] + m.final_bytes
+            amp["svmotion sync, at switchover"].append(dest_bytes / size)
+            amp["svmotion sync, copier only"].append(
+                (sum(disk["copied_bytes"].values()) + m.final_bytes) / size)
+            # wchar counts the guest's source writes, mirrored writes and copy_file_range alike;
+            # take the guest's bytes (until switchover) away. After switchover writes go to the
+            # destination only, so they are the guest's own, not amplification.
+            guest = trace.completed_bytes(t0, t1)
+            amp["svmotion sync, nbdkit wchar cross-check"].append((w1 - w0 - guest) / size)
+            source = drv.paths["disk0"]
+            c4.command("svmotion: DiskStatus.dest_written_bytes before the switchover stun "
+                       "+ switchover final_bytes; cross-check: /proc/PID/io wchar of nbdkit "
+                       "minus the guest's completed bytes")
+            for path in os.listdir(work):
+                full = os.path.join(work, path)
+                if path.endswith(".raw") and full != source:
+                    os.unlink(full)
+            for mode in ("background", "write-blocking"):
+                run = mirror_run(work, source, size, mode, 0, pre_seconds=cfg.pre_seconds)
+                c3.command(run.command)
+                key = f"QEMU {mode}"
+                assert run.trace is not None
+                b = run.trace.throughput(run.trace.meta["start"] + 0.3, run.started)
+                d = run.trace.throughput(run.started, run.ready)
+                before[key].append(b)
+                during[key].append(d)
+                frac[key].append(ratio(d, b))
+                if run.converged:
+                    amp[f"{key}, at READY"].append(run.target_bytes_ready / size)
+                    amp[f"{key}, at pivot"].append(run.target_bytes_done / size)
+                else:
+                    c4.notes.append(f"{key}: did not reach READY within the timeout under max-rate writes")
+        c4.command("QEMU: /proc/PID/io wchar of qemu-storage-daemon minus the guest's completed "
+                   "bytes (query-blockstats has no per-node write counters)")
+    for key in frac:
+        c3.add(f"{key}: guest write rate before the migration", before[key], "B/s")
+        c3.add(f"{key}: guest write rate during the copy", during[key], "B/s")
+        c3.add(f"{key}: during / before", frac[key], "%")
+    c3.add("svmotion bulk copy seconds under max-rate writes", copy_seconds, "s")
+    c3.verdict("svmotion sync: guest rate during copy / before (median)",
+               summarize(frac["svmotion sync"])["median"], 0.60, "higher", "%")
+    for key, samples in amp.items():
+        c4.add(key, samples, "ratio")
+    c4.verdict("svmotion sync: destination bytes / disk size at switchover (median)",
+               summarize(amp["svmotion sync, at switchover"])["median"], 1.05, "lower", "ratio")
+    c4.notes.append("'at switchover' counts every byte written to the destination: the copier's "
+                    "and the guest's own writes mirrored to already-copied chunks. 'copier only' "
+                    "leaves out the mirrored guest writes, which any synchronous mirror must make.")
+    return c3, c4
+
+
+# --- case 5 -------------------------------------------------------------------------------------
+
+def case_bulk_rate(ctx: Context) -> Case:
+    case = Case("5", "Bulk copy rate, idle guest",
+                "svmotion bulk copy >= 0.8x nbdcopy of the same dense file")
+    cfg = ctx.cfg
+    size = cfg.bulk_disk
+    seconds: dict[str, list[float]] = {"nbdcopy file -> file": [], "cp": [],
+                                       "svmotion bulk copy": [], "QEMU mirror (to READY)": []}
+    with ctx.workdir("case5") as work:
+        source = images.make_dense(os.path.join(work, "disk0.raw"), size)
+        dest = os.path.join(work, "copy.raw")
+        case.command(" ".join(tools.nbdcopy_argv(source, dest)))
+        case.command(" ".join(tools.cp_argv(source, dest)))
+        with ctx.mirror_node(work, {"disk0": source}) as (node, drv, sock):
+            case.command(node.command + "  # then control: stun; install_mirror; unstun; "
+                         "copy kind=bulk rate=0 (timed until done); abort")
+            for _ in range(cfg.bulk_reps):
+                seconds["nbdcopy file -> file"].append(tools.timed_copy(tools.nbdcopy_argv(source, dest), dest))
+                seconds["cp"].append(tools.timed_copy(tools.cp_argv(source, dest), dest))
+                seconds["svmotion bulk copy"].append(drv.bulk_copy_only())
+                # QEMU runs while the idle mirror node waits: separate processes, one at a time.
+                run = mirror_run(work, source, size, "background", None)
+                seconds["QEMU mirror (to READY)"].append(run.mirror_seconds)
+        case.command(run.command)
+    rates = {k: [size / s for s in v] for k, v in seconds.items()}
+    for key, samples in rates.items():
+        case.add(f"{key}: rate", samples, "B/s")
+    nbdcopy = summarize(rates["nbdcopy file -> file"])["median"]
+    for key in ("cp", "svmotion bulk copy", "QEMU mirror (to READY)"):
+        case.notes.append(f"{key} / nbdcopy (medians): {ratio(summarize(rates[key])['median'], nbdcopy):.2f}x")
+    case.verdict("svmotion bulk copy / nbdcopy (medians)",
+                 ratio(summarize(rates["svmotion bulk copy"])["median"], nbdcopy), 0.8, "higher", "ratio")
+    case.notes.append(f"{size / GiB:g} GiB dense image in page cache; no tool fsyncs the copy.")
+    return case
+
+
+# --- case 6 -------------------------------------------------------------------------------------
+
+def case_sparse(ctx: Context) -> Case:
+    cfg = ctx.cfg
+    case = Case("6", "Sparse disk",
+                f"{cfg.sparse_virtual // GiB} GiB virtual with {cfg.sparse_data / GiB:g} GiB data migrates "
+                f"in <= 1.5x the time of a {cfg.sparse_data / GiB:g} GiB dense disk; destination stays sparse")
+    times: dict[str, list[float]] = {"sparse": [], "dense": []}
+    allocated: list[float] = []
+    with ctx.workdir("case6") as work:
+        sparse = images.make_sparse(os.path.join(work, "sparse.raw"), cfg.sparse_virtual, cfg.sparse_data)
+        dense = images.make_dense(os.path.join(work, "dense.raw"), cfg.sparse_data)
+        with ctx.mirror_node(work, {"disk0": sparse}, vm="sparse") as (snode, sdrv, _), \
+                ctx.mirror_node(work, {"disk0": dense}, vm="dense") as (dnode, ddrv, _):
+            case.command(snode.command + "  # full migration, optimized, sync, idle")
+            case.command(dnode.command)
+            for _ in range(cfg.sparse_reps):
+                m = sdrv.migrate()
+                times["sparse"].append(m.total_seconds)
+                allocated.append(images.allocated_bytes(sdrv.paths["disk0"]))
+                times["dense"].append(ddrv.migrate().total_seconds)
+    case.add(f"sparse {cfg.sparse_virtual // GiB} GiB / {cfg.sparse_data / GiB:g} GiB data: migration time",
+             times["sparse"], "s")
+    case.add(f"dense {cfg.sparse_data / GiB:g} GiB: migration time", times["dense"], "s")
+    case.add("sparse destination: allocated bytes", allocated, "B")
+    case.verdict("sparse / dense migration time (medians)",
+                 ratio(summarize(times["sparse"])["median"], summarize(times["dense"])["median"]),
+                 1.5, "lower", "ratio")
+    case.verdict("sparse destination allocated / data written (max)",
+                 max(allocated) / cfg.sparse_data if allocated else float("nan"), 1.05, "lower", "ratio")
+    return case
+
+
+# --- case 7 -------------------------------------------------------------------------------------
+
+def case_passthrough(ctx: Context) -> Case:
+    case = Case("7", "Passthrough cost",
+                "fio through the mirror node >= 0.8x nbdkit's C file plugin (4 KiB randwrite IOPS, 1 MiB seq MB/s)")
+    cfg = ctx.cfg
+    jobs = [("4 KiB random write, QD 8", "randwrite", "4k", "iops"),
+            ("1 MiB sequential write, QD 8", "write", "1M", "bytes_per_s")]
+    results: dict[tuple[str, str], list[float]] = {}
+    with ctx.workdir("case7") as work:
+        image = images.make_dense(os.path.join(work, "disk0.raw"), cfg.fio_image)
+        sock = os.path.join(work, "nbd.sock")
+        servers: list[tuple[str, Callable[[], procs.Service], str]] = [
+            ("nbdkit file", lambda: procs.nbdkit_file(image, sock, work), ""),
+            ("svmotion mirror node", lambda: procs.mirror_node(
+                "vm1", [("disk0", image)], sock, os.path.join(work, "vm1.ctl"), work), "disk0"),
+        ]
+        for _ in range(cfg.fio_reps):
+            for server_label, make, export in servers:
+                with make() as server:
+                    case.command(server.command)
+                    uri = procs.nbd_uri(sock, export)
+                    for job_label, rw, bs, field in jobs:
+                        case.command(" ".join(tools.fio_argv(uri, rw, bs, 8, cfg.fio_seconds)))
+                        value = tools.fio_write(uri, rw, bs, 8, cfg.fio_seconds)[field]
+                        results.setdefault((server_label, job_label), []).append(value)
+    for job_label, _rw, _bs, field in jobs:
+        unit = "iops" if field == "iops" else "B/s"
+        base = case.add(f"nbdkit file: {job_label}", results[("nbdkit file", job_label)], unit)
+        ours = case.add(f"svmotion mirror node: {job_label}",
+                        results[("svmotion mirror node", job_label)], unit)
+        case.verdict(f"mirror node / file plugin, {job_label} (medians)",
+                     ratio(ours.summary["median"], base.summary["median"]), 0.8, "higher", "ratio")
+    return case
+
+
+# --- case 8 -------------------------------------------------------------------------------------
+
+def case_scale(ctx: Context) -> Case:
+    cfg = ctx.cfg
+    case = Case("8", "Scale: memory and dirty map",
+                "dirty map <= 4 MiB per TiB at 64 KiB chunks; plugin memory for a 1 TiB disk and 32 disks")
+    with ctx.workdir("case8") as work:
+        big = images.make_empty(os.path.join(work, "big.raw"), cfg.scale_virtual)
+        with ctx.mirror_node(work, {"disk0": big}, vm="big") as (node, drv, _):
+            case.command(node.command + "  # sparse, no data")
+            rss0 = procs.rss_bytes(node.pid)
+            dests = drv.next_dests()
+            drv.install("optimized", "sync", 65536, dests)
+            rss1 = procs.rss_bytes(node.pid)
+            status = drv.status()["disks"]["disk0"]
+            start = time.monotonic()
+            drv.copy("bulk", 0, timeout=120)
+            copy_s = time.monotonic() - start
+            rss2 = procs.rss_bytes(node.pid)
+            drv.abort()
+            dest_alloc = images.allocated_bytes(dests["disk0"])
+        tib = cfg.scale_virtual / TiB
+        map_bytes = status.get("dirty_map_bytes")
+        case.add(f"{cfg.scale_virtual / GiB:g} GiB sparse disk: nbdkit RSS, passthrough", [rss0], "B")
+        case.add("same, mirror installed (dirty map allocated)", [rss1], "B")
+        case.add("same, after the bulk copy", [rss2], "B")
+        if map_bytes is not None:
+            case.add("dirty map bytes (DiskStatus.dirty_map_bytes)", [map_bytes], "B")
+        case.add("dirty map bytes per TiB (RSS growth at install / TiB)", [(rss1 - rss0) / tib], "B")
+        case.add("bulk copy of the empty disk (holes skipped)", [copy_s], "s")
+        case.add("destination allocated after the copy", [dest_alloc], "B")
+        per_tib = (map_bytes if map_bytes is not None else rss1 - rss0) / tib
+        case.verdict("dirty map per TiB at 64 KiB chunks", per_tib, 4 * MiB, "lower", "B")
+
+        disks = {f"disk{i}": images.make_empty(os.path.join(work, f"d{i}.raw"), cfg.scale_disk_size)
+                 for i in range(cfg.scale_disks)}
+        with ctx.mirror_node(work, disks, vm="wide") as (node, drv, _):
+            case.command(node.command.split(" disk=disk1:")[0] +
+                         f" ... ({cfg.scale_disks} disks of {cfg.scale_disk_size / GiB:g} GiB, sparse)")
+            rss0 = procs.rss_bytes(node.pid)
+            m = drv.migrate()
+            rss1 = procs.rss_bytes(node.pid)
+        case.add(f"{cfg.scale_disks} disks: nbdkit RSS before a migration", [rss0], "B")
+        case.add(f"{cfg.scale_disks} disks: nbdkit RSS after a migration", [rss1], "B")
+        case.add(f"{cfg.scale_disks} disks: mirror install stun", [m.install.duration], "s")
+        case.add(f"{cfg.scale_disks} disks: switchover stun", [m.switchover.duration], "s")
+        case.add(f"{cfg.scale_disks} disks: whole migration", [m.total_seconds], "s")
+    return case
+
+
+CASES: dict[str, Callable[[Context], Case | tuple[Case, ...]]] = {
+    "1": case_stun_under_load,
+    "2": case_strategies,
+    "3": case_during_copy,   # also yields case 4
+    "5": case_bulk_rate,
+    "6": case_sparse,
+    "7": case_passthrough,
+    "8": case_scale,
+}

@@ -1,0 +1,63 @@
+"""External reference tools: fio's nbd engine (passthrough IOPS / MB/s), nbdcopy and cp (copy rate).
+
+Design notes
+- fio runs time-based with its JSON output parsed for write IOPS and bytes/s; the same job
+  file is pointed at nbdkit's C `file` plugin and at the mirror node, so only the server differs.
+- Copies are timed wall-clock around the tool, source in page cache (it was just written), the
+  destination a new file that is deleted afterwards; no tool is asked to fsync, the mirror
+  node's copier included, so the figures compare copy engines, not the disk's writeback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import time
+
+
+class ToolError(RuntimeError):
+    """An external tool failed."""
+
+
+def run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise ToolError(f"{shlex.join(argv)} exited {result.returncode}: {result.stderr.strip()[-300:]}")
+    return result
+
+
+def fio_argv(uri: str, rw: str, bs: str, iodepth: int, seconds: float) -> list[str]:
+    return ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+            f"--iodepth={iodepth}", "--numjobs=1", "--time_based", f"--runtime={seconds:g}",
+            "--ramp_time=1", "--randrepeat=0", "--output-format=json"]
+
+
+def fio_write(uri: str, rw: str, bs: str, iodepth: int, seconds: float) -> dict[str, float]:
+    """Run one fio write job against an NBD URI; {iops, bytes_per_s}."""
+    result = run(fio_argv(uri, rw, bs, iodepth, seconds), timeout=seconds + 60)
+    # fio may print warnings before the JSON document.
+    text = result.stdout[result.stdout.index("{"):]
+    job = json.loads(text)["jobs"][0]
+    if job.get("error"):
+        raise ToolError(f"fio {rw} on {uri}: job error {job['error']}")
+    return {"iops": float(job["write"]["iops"]), "bytes_per_s": float(job["write"]["bw_bytes"])}
+
+
+def timed_copy(argv: list[str], dest: str, timeout: float = 300) -> float:
+    """Run a copy command that creates `dest`; return its wall-clock seconds and remove `dest`."""
+    if os.path.exists(dest):
+        os.unlink(dest)
+    start = time.monotonic()
+    run(argv, timeout)
+    seconds = time.monotonic() - start
+    os.unlink(dest)
+    return seconds
+
+
+def nbdcopy_argv(source: str, dest: str) -> list[str]:
+    return ["nbdcopy", source, dest]
+
+
+def cp_argv(source: str, dest: str) -> list[str]:
+    return ["cp", "--sparse=auto", source, dest]
