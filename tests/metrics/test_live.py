@@ -44,6 +44,7 @@ class LiveMigration:
     metrics_url: str
     record: dict
     report_path: Path
+    api_sock: Path
     mid_exposition: str = ""
     phases_seen_live: set[str] = field(default_factory=set)
     started: float = 0.0
@@ -125,7 +126,7 @@ def live(tmp_path_factory) -> LiveMigration:
         nbdkit_pids = [vm["nbdkit_pid"] for vm in vms if vm.get("nbdkit_pid")]
         with prometheus_running(tmp / "prometheus", metrics_addr) as prom:
             prom.wait_for('up{job="svmotion"} == 1', lambda r: len(r) == 1)
-            run = LiveMigration(prom, metrics_url, {}, tmp / "vm1.report.json")
+            run = LiveMigration(prom, metrics_url, {}, tmp / "vm1.report.json", api_sock)
             migrate_under_load(run, sock_dir, api_sock, dest, agent_log)
             # one more scrape after the end, so Prometheus holds the final counters
             prom.wait_for('sum(svmotion_migrations_total{vm="vm1",result="success"})',
@@ -235,3 +236,19 @@ def test_png_report_of_the_real_migration(live, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "stun switchover" in result.stdout
     check_png(out)
+
+
+def test_a_legacy_migration_is_told_apart_by_strategy(live, tmp_path):
+    # Runs last: it migrates vm1 again (now living on the first destination), with the legacy
+    # strategy, and Prometheus keeps the two strategies' stuns apart.
+    dest = tmp_path / "dest2"
+    dest.mkdir()
+    result = subprocess.run(svmotion("migrate", "vm1", "--dest", str(dest), "--stun-strategy",
+                                     "legacy", "--json", sock=live.api_sock),
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    expr = 'sum by (kind, strategy) (svmotion_stun_duration_seconds_count{vm="vm1"})'
+    want = {("mirror_install", "optimized"): 1.0, ("switchover", "optimized"): 1.0,
+            ("mirror_install", "legacy"): 1.0, ("switchover", "legacy"): 1.0}
+    live.prom.wait_for(expr, lambda r: {(x["metric"]["kind"], x["metric"]["strategy"]):
+                                        float(x["value"][1]) for x in r} == want)
