@@ -12,7 +12,8 @@ Design notes
 - Stun buckets are dense around the millisecond: 0.5 ms, 5 ms and 100 ms fall in different
   buckets with at least one bucket boundary between each pair.
 - Counters of a VM are exported at 0 as soon as the VM is known (set_nbdkit_up, set_phase), so
-  the first failure is a 0 -> 1 step that `increase()` and the alert rules can see.
+  the first failure is a 0 -> 1 step that `increase()` and the alert rules can see; for the
+  same reason every known backend error `side:op` pair is exported at 0 (ERROR_OPS).
 - `svmotion_migration_phase` is a state-set gauge: every phase of a known VM is exported, 1 for
   the current phase and 0 for the others, so a Grafana state timeline and `== 1` selectors work
   and a finished migration shows all zeros rather than a stale 1.
