@@ -144,6 +144,9 @@ class Injection:
             phase, _, seconds = rest.partition("=")
             if phase not in PHASES or kind not in ("hold", "pause") or (kind == "hold") != bool(seconds):
                 raise ValueError(f"SVMOTION_INJECT item {item!r} is not hold:PHASE=SECONDS or pause:PHASE")
+            if kind == "pause" and PHASES.index(phase) >= PHASES.index("DiskCopyDone"):
+                # After switchover abort is refused, so such a pause could never end.
+                raise ValueError(f"SVMOTION_INJECT item {item!r}: pause only before DiskCopyDone")
             if kind == "hold":
                 inj.hold[phase] = float(seconds)
             else:
