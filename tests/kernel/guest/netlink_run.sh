@@ -1,0 +1,10 @@
+# Lab guest job: load the kernel's nbd module, then run netlink_job.py with the guest's Python.
+modprobe nbd || { echo "NBD-MODULE-MISSING"; exit 20; }
+[ -x /py/usr/bin/python3 ] || { echo "NO-PYROOT"; exit 21; }
+chroot /py /usr/bin/python3 /job/netlink_job.py
+rc=$?
+if dmesg | grep -iE 'I/O error|timed out|dead connection|(send|receive) control failed'; then
+  echo "GUEST-IO-ERRORS"
+  exit 22
+fi
+exit $rc
