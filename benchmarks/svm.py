@@ -55,6 +55,7 @@ class Migration:
     started: float = 0.0
     copy_started: float = 0.0
     copy_done: float = 0.0
+    flush_sent: float = 0.0       # flush_dest sent: the switchover sequence begins
     finish_returned: float = 0.0  # `finish` replied: the end of the switchover as the guest sees it
     finished: float = 0.0
     passes: int = 0
@@ -153,7 +154,7 @@ class MirrorNodeDriver:
                and m.passes < max_dirty_passes):
             status = self.copy("dirty", rate, copy_timeout)
             m.passes += 1
-        m.copy_done = time.monotonic()
+        m.copy_done = m.flush_sent = time.monotonic()
         m.flush_seconds = self.client.call("flush_dest")["seconds"]
         m.disks_before_switch = self.status()["disks"]
         stun_id, t0 = self.stun("switchover")

@@ -30,7 +30,7 @@ def run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
 def fio_argv(uri: str, rw: str, bs: str, iodepth: int, seconds: float) -> list[str]:
     return ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
             f"--iodepth={iodepth}", "--numjobs=1", "--time_based", f"--runtime={seconds:g}",
-            "--ramp_time=1", "--randrepeat=0", "--output-format=json"]
+            f"--ramp_time={1 if seconds >= 3 else 0}", "--randrepeat=0", "--output-format=json"]
 
 
 def fio_write(uri: str, rw: str, bs: str, iodepth: int, seconds: float) -> dict[str, float]:

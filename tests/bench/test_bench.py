@@ -1,0 +1,117 @@
+"""The benchmark harness cannot rot: its arithmetic, its open-loop writer, and a tiny full run.
+
+The writer is checked against a stall we cause ourselves with nbdkit's pause filter: requests
+due while the server is paused must complete only after it resumes and carry the whole wait in
+their latency (counted from their due time), and the writer must keep issuing on schedule.
+The smoke run executes every case with tiny disks and checks that each produced figures.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.loadgen import LoadGen, Trace
+from benchmarks.procs import Service, nbd_uri
+from benchmarks.stats import percentile, summarize
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def short_dir():
+    """Unix socket paths must stay under 108 bytes; tmp_path can be longer."""
+    path = tempfile.mkdtemp(prefix="svb-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_percentiles_are_nearest_rank():
+    samples = sorted(float(i) for i in range(1, 101))
+    assert percentile(samples, 50) == 50.0
+    assert percentile(samples, 99) == 99.0
+    s = summarize([3.0, 1.0, 2.0])
+    assert (s["n"], s["median"], s["p99"], s["max"]) == (3, 2.0, 3.0, 3.0)
+    assert math.isnan(summarize([])["median"])
+
+
+def test_trace_window_arithmetic():
+    # Three requests: one finished before the window, one spanning it, one due inside it.
+    trace = Trace(due=[0.0, 1.0, 2.5], sent=[0.0, 1.0, 2.5], done=[0.5, 3.0, 2.6],
+                  meta={"bs": 4096, "errors": 0})
+    assert trace.max_wait(2.0, 2.8) == pytest.approx(2.0)   # the spanning one: 3.0 - 1.0
+    assert trace.max_wait(0.0, 0.6) == pytest.approx(0.5)
+    assert trace.completed_bytes(0.0, 2.7) == 2 * 4096
+    assert trace.throughput(0.0, 4.0) == pytest.approx(3 * 4096 / 4.0)
+
+
+def _pause(control: str, command: bytes) -> None:
+    """Send 'p' or 'r' to nbdkit's pause filter and wait for its upper-case acknowledgement."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(control)
+        s.sendall(command)
+        assert s.recv(1) == command.upper()
+
+
+def test_loadgen_counts_a_server_stall_from_the_due_time(short_dir):
+    sock, control = os.path.join(short_dir, "nbd.sock"), os.path.join(short_dir, "pause.ctl")
+    server = Service("nbdkit-pause", ["nbdkit", "--foreground", "--exit-with-parent", "--unix", sock,
+                                      "--filter=pause", "memory", "64M", f"pause-control={control}"],
+                     sock, short_dir)
+    rate, bs = 2_000_000, 4096   # about 490 requests/s
+    with server:
+        lg = LoadGen([nbd_uri(sock)], os.path.join(short_dir, "trace"), rate=rate, bs=bs, qd=4)
+        with lg:
+            time.sleep(0.3)
+            paused = time.monotonic()
+            _pause(control, b"p")
+            time.sleep(0.4)
+            _pause(control, b"r")
+            resumed = time.monotonic()
+            time.sleep(0.3)
+            trace = lg.stop()
+    assert trace.errors == 0 and trace.unfinished == 0
+    stalled = [(due, done) for due, done in zip(trace.due, trace.done) if paused + 0.01 < due < resumed - 0.05]
+    assert stalled, "no request fell due while the server was paused"
+    # Every request due during the pause finished after the resume; its latency holds the wait.
+    assert all(done >= resumed - 0.01 for _, done in stalled)
+    assert trace.max_wait(paused, resumed) >= resumed - paused - 0.05
+    # Open loop: the schedule went on during the stall, so the count matches rate x time.
+    expected = (trace.meta["stopped"] - trace.meta["start"]) * rate / bs
+    assert abs(len(trace.due) - expected) <= 5
+
+
+@pytest.mark.slow
+def test_quick_run_produces_every_case(short_dir, tmp_path):
+    out = tmp_path / "bench"
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out),
+                             "--workdir", short_dir], cwd=ROOT, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    cases = {c["id"]: c for c in data["cases"]}
+    assert sorted(cases) == [str(i) for i in range(1, 9)]
+    for case in cases.values():
+        assert case["error"] is None, case["error"]
+        assert case["rows"], f"case {case['id']} measured nothing"
+        assert all(row["summary"]["n"] >= 1 for row in case["rows"]), case["id"]
+        assert case["commands"], f"case {case['id']} states no command"
+    # Every case with a target judged it from a measured number.
+    for cid in ("1", "2", "3", "4", "5", "6", "7", "8"):
+        assert cases[cid]["verdicts"], f"case {cid} has no verdict"
+        assert all(v["met"] in (True, False) for v in cases[cid]["verdicts"]), cases[cid]["verdicts"]
+    summary = (out / "SUMMARY.md").read_text()
+    for cid in cases:
+        assert f"## {cid}. " in summary
+    assert "python -m benchmarks --quick" in summary
+    # Nothing of the run is left in its work directory.
+    assert os.listdir(short_dir) == []
