@@ -236,6 +236,9 @@ def demo(keep: bool) -> None:
 
 from agent.cli_report import report  # noqa: E402  (svmotion report FILE.json --png OUT.png)
 main.add_command(report)
+from agent.cli_attach import attach_cmd, detach_cmd  # noqa: E402  (svmotion attach VM DISK, detach DEVICE)
+main.add_command(attach_cmd)
+main.add_command(detach_cmd)
 
 
 if __name__ == "__main__":
