@@ -136,7 +136,29 @@ def copy_range(src: FileBackend, dst: FileBackend, offset: int, count: int) -> N
     """Copy bytes at the same offset from src to dst in the kernel (copy_file_range), no user-space buffer."""
     done = 0
     while done < count:
-        n = os.copy_file_range(src.fd, dst.fd, count - done, offset + done, offset + done)
+        try:
+            n = os.copy_file_range(src.fd, dst.fd, count - done, offset + done, offset + done)
+        except OSError as err:
+            # Linux >= 5.19 refuses copies between different filesystem types (EXDEV), and some
+            # filesystems do not implement it: copy through a buffer then.
+            if err.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            _copy_buffered(src, dst, offset + done, count - done)
+            return
         if n == 0:
             raise OSError(errno.EIO, f"copy_file_range: no progress at {offset + done} of {src.path}")
         done += n
+
+
+def _copy_buffered(src: FileBackend, dst: FileBackend, offset: int, count: int) -> None:
+    """pread/pwrite fallback of copy_range, in pieces of at most 1 MiB."""
+    end = offset + count
+    while offset < end:
+        data = os.pread(src.fd, min(1 << 20, end - offset), offset)
+        if not data:
+            raise OSError(errno.EIO, f"pread: unexpected end of {src.path} at {offset}")
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(dst.fd, view, offset)
+            view = view[written:]
+            offset += written
