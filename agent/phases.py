@@ -583,10 +583,10 @@ class Migration:
             self._measure_rate(result)
             broken = [e for e in result["errors"] if "mirror failed" in e]
             if broken:
-                raise MigrationFailed(f"{broken[0]}")
+                raise MigrationFailed(broken[0])
             if result["errors"] and result["dirty_after"] >= result["dirty_before"]:
                 raise MigrationFailed(f"copy to the destination failed: {result['errors'][0]}; "
-                                      f"the workload stays on its source")
+                                      f"check the destination's space and health")
         dirty = total_dirty(self._status())
         budget = self._rate() * self.options.stun_budget
         if dirty > budget:
