@@ -14,25 +14,34 @@ import sys
 import time
 from typing import Any, TextIO
 
-from agent.phases import human_bytes
+from agent.phases import PHASES, human_bytes
 
 BAR_WIDTH = 28
 PLAIN_INTERVAL_S = 2.0
 
 
 def render_line(record: dict[str, Any], tty: bool) -> str:
-    """One line: [bar] percent copied/total rate dirty phase."""
+    """One line: [bar] percent-on-destination, bytes copied of the disks' size, rate, dirty, phase."""
     p = record.get("progress") or {}
     copied, total = int(p.get("copied_bytes") or 0), int(p.get("total_bytes") or 0)
-    fraction = min(1.0, copied / total) if total else 0.0
-    rate = float(p.get("rate_bps") or 0)
     dirty = int(p.get("dirty_bytes") or 0)
+    fraction = done_fraction(record.get("phase", "Null"), total, dirty)
+    rate = float(p.get("rate_bps") or 0)
     text = (f"{fraction * 100:5.1f}% {human_bytes(copied)}/{human_bytes(total)} "
             f"{human_bytes(rate)}/s dirty {human_bytes(dirty)}  {record.get('phase', '?')}")
     if not tty:
         return f"{record.get('vm', '?')}: {text}"
     filled = int(fraction * BAR_WIDTH)
     return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {text}"
+
+
+def done_fraction(phase: str, total: int, dirty: int) -> float:
+    """How much of the disks the destination has: holes count as done once the copier passed them."""
+    if phase not in PHASES or PHASES.index(phase) < PHASES.index("DiskCopy") or not total:
+        return 0.0
+    if PHASES.index(phase) >= PHASES.index("DiskCopyDone"):
+        return 1.0
+    return max(0.0, min(1.0, 1 - dirty / total))
 
 
 class Progress:

@@ -116,9 +116,11 @@ def test_migration_options_from_request() -> None:
 
 def test_progress_rendering() -> None:
     rec = {"vm": "vm1", "phase": "DiskCopy", "progress": {"copied_bytes": 2**20, "total_bytes": 4 * 2**20,
-                                                          "dirty_bytes": 0, "rate_bps": 2**20}}
+                                                          "dirty_bytes": 3 * 2**20, "rate_bps": 2**20}}
     assert render_line(rec, tty=True).startswith("[#######.....................]  25.0%")
-    assert render_line(rec, tty=False).startswith("vm1:  25.0% 1.0 MiB/4.0 MiB 1.0 MiB/s")
+    assert render_line(rec, tty=False).startswith("vm1:  25.0% 1.0 MiB/4.0 MiB 1.0 MiB/s dirty 3.0 MiB")
+    assert render_line({**rec, "phase": "Stun"}, tty=False).startswith("vm1:   0.0%")
+    assert render_line({**rec, "phase": "Complete"}, tty=False).startswith("vm1: 100.0%")
     table = phase_table({"phases": [{"name": "Null", "seconds": 0.001}],
                          "stuns": [{"kind": "switchover", "duration_seconds": 0.002, "max_wait_seconds": 0.001,
                                     "held_requests": 3, "outcome": "released"}],
