@@ -77,7 +77,11 @@ class Agent:
         self._stop_vms = False
         self._server: ControlServer | None = None
         self._metrics_server: Any = None
-        self._injection = Injection.from_env()
+        try:
+            self._injection = Injection.from_env()
+        except ValueError as err:
+            raise SvmotionError(f"{err}; fix SVMOTION_INJECT (a testing aid, see README) or unset it",
+                                EXIT_USAGE) from None
 
     # ---- life cycle ----------------------------------------------------------------------------
 

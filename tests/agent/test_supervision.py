@@ -1,0 +1,59 @@
+"""The agent supervises nbdkit (restarts a dead one) and exports the migration's metrics."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from agent.supervisor import process_start_time
+
+
+def test_dead_nbdkit_is_restarted_on_current_paths(agent_vm) -> None:
+    vm = agent_vm(n_disks=1)
+    pid = vm.nbdkit_pid()
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        st = vm.status()
+        if st["nbdkit_up"] and st["nbdkit_pid"] not in (None, pid):
+            try:
+                if vm.plugin("hello")["pid"] == st["nbdkit_pid"]:
+                    break
+            except OSError:
+                pass            # restarting: the control socket is not bound yet
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"nbdkit not restarted: {vm.status()}\n{vm.log_text()}")
+    assert process_start_time(pid) is None
+    assert vm.plugin("hello")["disks"][0]["path"] == str(vm.disks["disk0"])
+    assert "exited" in vm.log_text()
+
+
+def test_metrics_after_migration(agent_vm, dest_dir: Path) -> None:
+    vm = agent_vm(n_disks=1)
+    done = vm.cli("migrate", vm.name, "--dest", str(dest_dir))
+    assert done.returncode == 0, done.stderr
+    port = re.search(r"serving http://127\.0\.0\.1:(\d+)/metrics", vm.log_text()).group(1)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for kind in ("mirror_install", "switchover"):
+        assert re.search(rf'svmotion_stun_duration_seconds_count{{kind="{kind}",strategy="optimized",'
+                         rf'vm="vm1"}} 1\.0', text), kind
+    assert re.search(r'svmotion_migrations_total{result="success",vm="vm1"} 1\.0', text)
+    assert re.search(r'svmotion_phase_duration_seconds_count{phase="DiskCopy",vm="vm1"} 1\.0', text)
+    assert re.search(r'svmotion_nbdkit_up{vm="vm1"} 1\.0', text)
+    assert re.search(r'svmotion_copied_bytes_total{disk="disk0",kind="bulk",vm="vm1"} [1-9]', text)
+
+
+def test_bad_injection_is_refused(agent_vm) -> None:
+    vm = agent_vm(n_disks=1, start=False)
+    env = dict(os.environ, SVMOTION_INJECT="hold:Nowhere=1")
+    done = subprocess.run([sys.executable, "-m", "agent.cli", "agent", "--config", str(vm.config)],
+                          cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 2 and "hold:Nowhere=1" in done.stderr and "SVMOTION_INJECT" in done.stderr
+    assert vm.nbdkit_pid() is None
