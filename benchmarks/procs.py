@@ -127,11 +127,20 @@ def nbdkit_file(image: str, sock: str, log_dir: str, name: str = "nbdkit-file") 
     return Service(name, argv, sock, log_dir)
 
 
+def python_floor(image: str, sock: str, log_dir: str, threads: int = NBDKIT_THREADS) -> Service:
+    """The smallest nbdkit Python plugin (benchmarks/floor_plugin.py): the embedding's own cost."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor_plugin.py")
+    argv = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", sock,
+            "--threads", str(threads), "python", script, f"file={image}"]
+    return Service("python-floor", argv, sock, log_dir)
+
+
 def mirror_node(vm: str, disks: Sequence[tuple[str, str]], sock: str, control: str,
-                log_dir: str, lease: float = 2.0, name: str = "mirror-node") -> Service:
+                log_dir: str, lease: float = 2.0, name: str = "mirror-node",
+                threads: int = NBDKIT_THREADS) -> Service:
     """The svmotion mirror node (docs/interfaces.md, section 1) serving `disks` [(name, path)]."""
     argv = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", sock,
-            "--threads", str(NBDKIT_THREADS), "python", str(nbd_plugin.plugin_script()),
+            "--threads", str(threads), "python", str(nbd_plugin.plugin_script()),
             f"vm={vm}"]
     argv += [f"disk={disk}:{path}" for disk, path in disks]
     argv += [f"control={control}", f"lease={lease}"]

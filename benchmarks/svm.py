@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from agent.jsonlines import JsonLinesClient
 
@@ -139,11 +139,17 @@ class MirrorNodeDriver:
 
     def migrate(self, strategy: str = "optimized", mode: str = "sync", granularity: int = 65536,
                 rate: int = 0, stun_budget: float = 0.05, copy_timeout: float = 600.0,
-                max_dirty_passes: int = 20, keep_old: bool = False) -> Migration:
-        """One full migration of every disk to fresh files; the old files are deleted afterwards."""
+                max_dirty_passes: int = 20, keep_old: bool = False,
+                after_install: Callable[[], None] | None = None) -> Migration:
+        """One full migration of every disk to fresh files; the old files are deleted afterwards.
+
+        `after_install` runs once the mirror is installed and before the copy (case 8 reads the
+        plugin's memory there)."""
         m = Migration(strategy, mode, started=time.monotonic())
         dests = self.next_dests()
         m.install = self.install(strategy, mode, granularity, dests)
+        if after_install is not None:
+            after_install()
         m.copy_started = time.monotonic()
         status = self.copy("bulk", rate, copy_timeout)
         m.passes = 1

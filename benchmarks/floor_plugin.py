@@ -1,0 +1,49 @@
+"""The floor of any nbdkit Python plugin: serve one file with os.pread/os.pwrite and nothing else.
+
+Case 7 runs it beside nbdkit's C `file` plugin and the mirror node, so the summary can say how
+much of the mirror node's passthrough cost is nbdkit's Python embedding (GIL, call, buffer
+conversion) and how much is the mirror node's own code (stun gate, stats, dispatch).
+
+    nbdkit python benchmarks/floor_plugin.py file=IMAGE
+"""
+import os
+
+import nbdkit
+
+API_VERSION = 2
+_path = None
+
+
+def config(key, value):
+    global _path
+    if key != "file":
+        raise RuntimeError(f"unknown parameter {key!r}; use file=IMAGE")
+    _path = value
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def open(readonly):
+    return os.open(_path, os.O_RDONLY if readonly else os.O_RDWR)
+
+
+def close(fd):
+    os.close(fd)
+
+
+def get_size(fd):
+    return os.fstat(fd).st_size
+
+
+def pread(fd, buf, offset, flags):
+    buf[:] = os.pread(fd, len(buf), offset)
+
+
+def pwrite(fd, buf, offset, flags):
+    os.pwrite(fd, buf, offset)
+
+
+def flush(fd, flags):
+    os.fdatasync(fd)
