@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated case ids "
                     f"(default all: {','.join(CASES)}; 3 also measures 4)")
     ap.add_argument("--workdir", default="/var/tmp", help="parent directory for work files")
+    ap.add_argument("--render", action="store_true",
+                    help="measure nothing: rewrite OUT/SUMMARY.md from OUT/results.json "
+                         "(after editing benchmarks/ANALYSIS.md)")
     args = ap.parse_args(argv)
     unknown = [c for c in args.cases.split(",") if c not in CASES]
     if unknown:
@@ -58,8 +61,22 @@ def run_case(case_id: str, ctx: Context) -> list[Case]:
     return cases
 
 
+def write_summary(out: str, cases: list[Case], meta: dict) -> None:
+    analysis = ""
+    if os.path.exists(ANALYSIS_FILE) and meta["mode"] == "full":
+        with open(ANALYSIS_FILE) as f:
+            analysis = f.read()
+    with open(os.path.join(out, "SUMMARY.md"), "w") as f:
+        f.write(report.markdown(cases, meta, analysis))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        cases, meta = report.read_json(os.path.join(args.out, "results.json"))
+        write_summary(args.out, cases, meta)
+        print(f"rewrote {args.out}/SUMMARY.md from {args.out}/results.json")
+        return 0
     cfg = QUICK if args.quick else FULL
     os.makedirs(args.out, exist_ok=True)
     root = tempfile.mkdtemp(prefix="svmotion-bench-", dir=args.workdir)
@@ -77,13 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     cmd = "python -m benchmarks " + shlex.join(sys.argv[1:] if argv is None else argv)
     meta = {"command": cmd, "mode": cfg.name, "seconds": time.monotonic() - started, "env": env}
-    analysis = ""
-    if os.path.exists(ANALYSIS_FILE) and not args.quick:
-        with open(ANALYSIS_FILE) as f:
-            analysis = f.read()
     report.write_json(os.path.join(args.out, "results.json"), cases, meta)
-    with open(os.path.join(args.out, "SUMMARY.md"), "w") as f:
-        f.write(report.markdown(cases, meta, analysis))
+    write_summary(args.out, cases, meta)
     print("=" * 100)
     print(report.table(cases))
     print(f"wrote {args.out}/results.json and {args.out}/SUMMARY.md in {meta['seconds']:.0f} s")

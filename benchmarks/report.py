@@ -21,15 +21,20 @@ from typing import Any
 from .stats import summarize
 
 
+MAX_KEPT_SAMPLES = 200  # rows of per-request latencies keep only their summary
+
+
 @dataclass
 class Row:
     label: str
     summary: dict[str, float]
-    unit: str  # s, B, B/s, ratio, iops, count
+    unit: str  # s, B, B/s, ratio, iops, %
+    samples: list[float] | None = None
 
     @classmethod
     def of(cls, label: str, samples: list[float], unit: str) -> "Row":
-        return cls(label, summarize(samples), unit)
+        kept = list(samples) if len(samples) <= MAX_KEPT_SAMPLES else None
+        return cls(label, summarize(samples), unit, kept)
 
 
 @dataclass
@@ -150,6 +155,25 @@ def write_json(path: str, cases: list[Case], meta: dict[str, Any]) -> None:
 
     with open(path, "w") as f:
         json.dump(clean({"meta": meta, "cases": [asdict(c) for c in cases]}), f, indent=1)
+
+
+def read_json(path: str) -> tuple[list[Case], dict[str, Any]]:
+    """Cases and meta back from a results.json (to re-render SUMMARY.md without re-measuring)."""
+    def restore(obj: Any) -> Any:  # null back to NaN where a number was missing
+        if obj is None:
+            return math.nan
+        if isinstance(obj, dict):
+            return {k: restore(v) for k, v in obj.items()}
+        return obj
+
+    with open(path) as f:
+        data = json.load(f)
+    cases = []
+    for c in data["cases"]:
+        rows = [Row(r["label"], restore(r["summary"]), r["unit"], r.get("samples"))
+                for r in c.pop("rows")]
+        cases.append(Case(**c, rows=rows))
+    return cases, data["meta"]
 
 
 def markdown(cases: list[Case], meta: dict[str, Any], analysis: str = "") -> str:
