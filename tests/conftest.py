@@ -202,12 +202,16 @@ class MirrorNode:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
 
 
+# Which nbd_plugin/ the mirror node runs: this checkout's, or (to check that the tests catch a
+# broken plugin) a modified copy under SVMOTION_PLUGIN_ROOT.
+PLUGIN_ROOT = Path(os.environ.get("SVMOTION_PLUGIN_ROOT", ROOT))
+
+
 def mirror_node_command(vm: str, sock: Path, control: Path, disks: dict[str, Path],
                         lease: float | None) -> list[str]:
     """The command line of docs/interfaces.md section 1 (plus --exit-with-parent for tests)."""
-    from nbd_plugin import plugin_script
     cmd = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", str(sock), "--threads", "16",
-           "python", str(plugin_script()), f"vm={vm}"]
+           "python", str(PLUGIN_ROOT / "nbd_plugin" / "plugin.py"), f"vm={vm}"]
     cmd += [f"disk={name}:{path}" for name, path in disks.items()]
     cmd.append(f"control={control}")
     if lease is not None:
@@ -227,7 +231,7 @@ def start_mirror_node(tmp_path: Path, sock_dir: Path, processes: Processes) -> I
         n = len(nodes)
         sock, control = sock_dir / f"{vm}-{n}.nbd", sock_dir / f"{vm}-{n}.ctl"
         log = tmp_path / f"nbdkit-{vm}-{n}.log"
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = dict(os.environ, PYTHONPATH=str(PLUGIN_ROOT))
         proc = processes.spawn(mirror_node_command(vm, sock, control, disks, lease), log=log, env=env)
         wait_until(lambda: socket_answers(sock) and socket_answers(control), READY_TIMEOUT_S,
                    f"mirror node {vm} on {sock} and {control}", proc, log)
