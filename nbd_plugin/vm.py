@@ -196,7 +196,10 @@ class VM:
             for disk in self.disks.values():
                 disk.stop_copy()
             own = self._stun is None
-            stun = self._begin_stun("abort", self.lease, conn) if own else self._held_stun(req)
+            if own:
+                self._begin_stun("abort", self.lease, conn)
+            stun = self._stun if own else self._held_stun(req)
+            assert stun is not None
             for disk in self.disks.values():
                 if disk.state != SWITCHED:
                     disk.drop_mirror()
