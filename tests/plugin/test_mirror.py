@@ -420,6 +420,92 @@ def test_closing_the_control_connection_rolls_back_at_once(vm_factory, tmp_path:
     assert_clean(writer, report, node.disks)
 
 
+def test_sigkilled_stun_holder_releases_the_guest_within_a_moment(vm_factory, tmp_path: Path, processes) -> None:
+    """A real process holds the stun and is SIGKILLed (the agent dying): no waiting for the lease."""
+    node = vm_factory(2, size=8 * MiB)
+    dests = make_dests(tmp_path / "dst", node.disks)
+    lease = 5.0
+    holder_code = (
+        "import json, sys, time\n"
+        "from agent.jsonlines import JsonLinesClient\n"
+        "c = JsonLinesClient(sys.argv[1])\n"
+        "sid = c.call('stun', lease=float(sys.argv[2]), kind='mirror_install')['stun_id']\n"
+        "c.call('install_mirror', stun_id=sid, disks=json.loads(sys.argv[3]))\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n")
+    spec = json.dumps({n: {"dest": str(p), "mode": "sync", "granularity": 65536} for n, p in dests.items()})
+    writer = start_writer(node)
+    try:
+        wait_writes(writer, 20)
+        log = tmp_path / "holder.log"
+        holder = processes.spawn([sys.executable, "-c", holder_code, str(node.control), str(lease), spec],
+                                 log=log, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
+        deadline = time.monotonic() + 10
+        while "held" not in log.read_text():
+            assert holder.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.01)
+        holder.kill()
+        holder.wait()
+        wait_writes(writer, 20, timeout=lease)
+    finally:
+        report = writer.stop()
+    assert report.longest_stall < 1.0, f"guest held {report.longest_stall:.3f} s after its stun holder died"
+    status = node.client().call("status")
+    assert status["stun"] is None and status["stuns"][-1]["outcome"] == "expired", status["stuns"][-1:]
+    assert {d["state"] for d in status["disks"].values()} == {"passthrough"}
+    assert_clean(writer, report, node.disks)
+
+
+# Unaligned and hole-making updates while mirroring, applied to the VM and to a reference copy.
+MIRRORED_OPS: list[tuple[str, Callable[[Any], Any]]] = [
+    ("unaligned pwrite", lambda h: h.pwrite(b"\x22" * 3000, 1000)),
+    ("pwrite across chunks", lambda h: h.pwrite(b"\x33" * 100 * KiB, 4 * MiB + 60 * KiB)),
+    ("pwrite into a hole", lambda h: h.pwrite(b"\x44" * 4 * KiB, 12 * MiB + 4 * KiB)),
+    ("trim", lambda h: h.trim(64 * KiB, 15 * MiB)),
+    ("unaligned trim", lambda h: h.trim(10000, 200 * KiB + 7)),
+    ("zero that may punch", lambda h: h.zero(128 * KiB, 4 * MiB)),
+    ("zero with NO_HOLE", lambda h: h.zero(64 * KiB, 9 * MiB + 64 * KiB, 2)),   # 2: CMD_FLAG_NO_HOLE
+    ("unaligned zero", lambda h: h.zero(5000, 15 * MiB + 300 * KiB + 10)),
+    ("FUA pwrite", lambda h: h.pwrite(b"\x55" * 8 * KiB, 6 * MiB, 1)),       # 1: CMD_FLAG_FUA
+    ("flush", lambda h: h.flush()),
+]
+
+
+@pytest.mark.parametrize("mode", ["sync", "dirty"])
+def test_unaligned_writes_trims_and_zeroes_reach_the_destination(tmp_path: Path, testlib, start_mirror_node,
+                                                                  start_file_server, mode: str) -> None:
+    """Every update kind, before and after the bulk copy: the destination ends as nbdkit file's copy."""
+    import nbd
+    size = 16 * MiB
+    data = [(0, 1 * MiB), (4 * MiB, 192 * KiB), (9 * MiB + 64 * KiB, 64 * KiB), (15 * MiB, 1 * MiB)]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "ref").mkdir()
+    disks = {"disk0": testlib.make_sparse_image(tmp_path / "src" / "disk0.raw", size, data)}
+    ref_path = testlib.make_sparse_image(tmp_path / "ref" / "disk0.raw", size, data)
+    node = start_mirror_node(disks)
+    ours, ref = nbd.NBD(), nbd.NBD()
+    ours.connect_uri(node.uri("disk0"))
+    ref.connect_uri(start_file_server(ref_path))
+    ctl = node.client()
+    dests = make_dests(tmp_path / "dst", disks)
+    flow = Flow(ctl, disks, dests, mode=mode, granularity=16 * KiB)
+    try:
+        flow.install()
+        for name, op in MIRRORED_OPS[:5]:           # before the bulk copy: chunks still dirty
+            op(ours), op(ref)
+        flow.copy("bulk")
+        for name, op in MIRRORED_OPS[5:] + MIRRORED_OPS[:5]:   # after it: sync mode mirrors them
+            op(ours), op(ref)
+        flow.converge()
+        flow.switchover(lambda: None)
+        ours.flush(), ref.flush()
+    finally:
+        ours.shutdown(), ref.shutdown()
+    assert testlib.same_content(dests["disk0"], ref_path) == [], "destination differs from the reference"
+    dest_use, ref_use = testlib.allocated_bytes(dests["disk0"]), testlib.allocated_bytes(ref_path)
+    assert dest_use <= ref_use + 256 * KiB, f"du: destination {dest_use} bytes, reference {ref_use}"
+
+
 # ---- abort ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("under_own_stun", [False, True])
