@@ -1,0 +1,77 @@
+"""The verifying writer itself, against nbdkit's file plugin: it must notice what it is meant to notice.
+
+A verifier that cannot fail proves nothing, so these tests corrupt, misplace and stale blocks
+behind its back and check that `verify_image` / `verify_nbd` name exactly those blocks.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.writer import BLOCK, PATTERN, VerifyingWriter, block_pattern
+
+MiB = 1024 * 1024
+
+
+def run_writer(uri: str, seconds: float = 0.7, **options) -> tuple[VerifyingWriter, object]:
+    writer = VerifyingWriter({"disk0": uri}, seed=3, **options)
+    writer.start()
+    time.sleep(seconds)
+    return writer, writer.stop()
+
+
+def patch(path: Path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def test_clean_run_verifies_and_counts(tmp_path: Path, testlib, start_file_server) -> None:
+    image = testlib.make_dense_image(tmp_path / "disk0.raw", 8 * MiB)
+    uri = start_file_server(image)
+    writer, report = run_writer(uri, initial={"disk0": PATTERN}, connections=3, queue_depth=6,
+                                zero_ratio=0.05, trim_ratio=0.05)
+    assert not report.errors and report.writes > 50 and report.zeroes and report.trims, report.summary()
+    assert report.max_latency >= report.percentile(50) > 0
+    assert 0 < report.longest_stall < 5
+    assert writer.verify_image("disk0", image) == []
+    assert writer.verify_nbd("disk0", uri) == []
+
+
+def test_corrupt_misplaced_and_stale_blocks_are_named(tmp_path: Path, testlib, start_file_server) -> None:
+    image = testlib.make_sparse_image(tmp_path / "disk0.raw", 8 * MiB, [(0, 2 * MiB)])
+    initial = tmp_path / "initial.raw"
+    shutil.copyfile(image, initial)
+    uri = start_file_server(image)
+    writer, report = run_writer(uri, initial={"disk0": initial}, region=(0, 4 * MiB))
+    assert not report.errors and writer.verify_image("disk0", image) == []
+    written = [o for o in range(0, 4 * MiB, BLOCK) if writer.expected("disk0", o, BLOCK) != initial.read_bytes()[o:o + BLOCK]]
+    assert len(written) > 10, "the writer changed too few blocks for this test"
+    corrupt, misplaced, stale = written[0], written[len(written) // 2], written[-1]
+    patch(image, corrupt + 100, b"\xff")                                       # one flipped byte
+    patch(image, misplaced, writer.expected("disk0", corrupt, BLOCK))           # right data, wrong place
+    patch(image, stale, initial.read_bytes()[stale:stale + BLOCK])            # an older version
+    patch(image, 6 * MiB, block_pattern("disk0", 6 * MiB, 0))                 # data where a hole must be
+    assert writer.verify_image("disk0", image) == sorted([corrupt, misplaced, stale, 6 * MiB])
+    assert writer.verify_nbd("disk0", uri) == sorted([corrupt, misplaced, stale, 6 * MiB])
+    assert "found pattern" in writer.describe("disk0", misplaced, writer.expected("disk0", corrupt, BLOCK))
+
+
+def test_verify_refuses_while_running_and_rate_limit_holds(tmp_path: Path, testlib, start_file_server) -> None:
+    image = testlib.make_dense_image(tmp_path / "disk0.raw", 8 * MiB)
+    uri = start_file_server(image)
+    writer = VerifyingWriter({"disk0": uri}, initial={"disk0": PATTERN}, rate=1 * MiB, seed=5)
+    writer.start()
+    with pytest.raises(RuntimeError, match="stop"):
+        writer.verify_image("disk0", image)
+    time.sleep(1.0)
+    report = writer.stop()
+    # 1 MiB/s for about a second, plus the short burst the limiter allows: never several MiB.
+    assert report.bytes_written <= 2 * MiB, report.summary()
+    assert writer.verify_image("disk0", image) == []
