@@ -592,6 +592,8 @@ def test_malformed_control_messages_get_one_line_and_change_nothing(vm_factory, 
             ("no disks", {"stun_id": stun_id}, "disks"),
             ("unknown disk", {"stun_id": stun_id, "disks": {"nodisk": {"dest": str(good["disk0"])}}}, "nodisk"),
             ("dest of the wrong size", {"stun_id": stun_id, "disks": {"disk0": {"dest": str(wrong_size)}}}, "4096 bytes"),
+            ("second disk's dest of the wrong size", {"stun_id": stun_id, "disks": {
+                "disk0": {"dest": str(good["disk0"])}, "disk1": {"dest": str(wrong_size)}}}, "4096 bytes"),
             ("missing dest", {"stun_id": stun_id, "disks": {"disk0": {"dest": str(tmp_path / "none.raw")}}}, "none.raw"),
             ("dest is the source", {"stun_id": stun_id, "disks": {"disk0": {"dest": str(node.disks["disk0"])}}}, "source"),
             ("bad mode", {"stun_id": stun_id, "disks": {"disk0": {"dest": str(good["disk0"]), "mode": "async"}}}, "async"),
