@@ -229,7 +229,7 @@ class Agent:
                 migration = self.migrations.get(vm.name)
             if migration is not None and not migration.finished:
                 try:
-                    migration.abort("nbdkit exited during the migration")
+                    migration.abort("nbdkit exited during the migration", failed=True)
                 except Refused:
                     pass
                 migration.wait(ABORT_WAIT_S)

@@ -209,6 +209,7 @@ class Migration:
         self._switched = False
         self._abort = threading.Event()
         self._abort_reason = "aborted by the user"
+        self._abort_is_failure = False
         self._done = threading.Event()
         self._samples_lock = threading.Lock()             # protects samples and last_status
         self._thread: threading.Thread | None = None
@@ -223,11 +224,15 @@ class Migration:
         self._thread = threading.Thread(target=self.run, name=f"migration-{self.vm.name}", daemon=True)
         self._thread.start()
 
-    def abort(self, reason: str = "aborted by the user") -> None:
-        """Ask the job to stop at its next cancel point; refused once the switchover is done."""
+    def abort(self, reason: str = "aborted by the user", failed: bool = False) -> None:
+        """Ask the job to stop at its next cancel point; refused once the switchover is done.
+
+        `failed`: the stop is a failure (e.g. nbdkit died), not the user's choice: exit 5, not 6.
+        """
         if self._switched:
             raise Refused(f"VM {self.vm.name!r} has already switched to its destination; too late to abort")
         self._abort_reason = reason
+        self._abort_is_failure = failed
         self._abort.set()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -271,7 +276,7 @@ class Migration:
                 self._checkpoint(phase)
                 self._run_phase(phase, getattr(self, f"_phase_{phase}"))
         except Aborted:
-            result, error = "aborted", self._abort_reason
+            result, error = "failed" if self._abort_is_failure else "aborted", self._abort_reason
         except (MigrationFailed, SvmotionError) as err:
             result, error = "failed", str(err)
         except RemoteError as err:
@@ -731,9 +736,11 @@ def total_dirty(status: dict[str, Any]) -> int:
 def progress_of(status: dict[str, Any] | None, plan: list[DiskPlan]) -> dict[str, Any]:
     """What a progress bar shows: bytes copied out of the disks' size, rate, dirty bytes left."""
     if not status:
-        return {"copied_bytes": 0, "total_bytes": sum(d.size for d in plan), "dirty_bytes": 0, "rate_bps": 0}
+        return {"copied_bytes": 0, "total_bytes": sum(d.size for d in plan), "dirty_bytes": 0, "rate_bps": 0,
+                "mirroring": False}
     disks = status["disks"].values()
     return {
+        "mirroring": any(d["state"] in ("mirroring", "switched") for d in disks),
         "copied_bytes": sum(sum(d["copied_bytes"].values()) for d in disks),
         "total_bytes": sum(d.size for d in plan),
         "dirty_bytes": sum(d["dirty_bytes"] for d in disks),

@@ -25,7 +25,7 @@ def render_line(record: dict[str, Any], tty: bool) -> str:
     p = record.get("progress") or {}
     copied, total = int(p.get("copied_bytes") or 0), int(p.get("total_bytes") or 0)
     dirty = int(p.get("dirty_bytes") or 0)
-    fraction = done_fraction(record.get("phase", "Null"), total, dirty)
+    fraction = done_fraction(record.get("phase", "Null"), total, dirty, p.get("mirroring", True))
     rate = float(p.get("rate_bps") or 0)
     text = (f"{fraction * 100:5.1f}% {human_bytes(copied)}/{human_bytes(total)} "
             f"{human_bytes(rate)}/s dirty {human_bytes(dirty)}  {record.get('phase', '?')}")
@@ -35,12 +35,14 @@ def render_line(record: dict[str, Any], tty: bool) -> str:
     return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {text}"
 
 
-def done_fraction(phase: str, total: int, dirty: int) -> float:
+def done_fraction(phase: str, total: int, dirty: int, mirroring: bool = True) -> float:
     """How much of the disks the destination has: holes count as done once the copier passed them."""
-    if phase not in PHASES or PHASES.index(phase) < PHASES.index("DiskCopy") or not total:
+    if phase not in PHASES or not total:
         return 0.0
     if PHASES.index(phase) >= PHASES.index("DiskCopyDone"):
         return 1.0
+    if PHASES.index(phase) < PHASES.index("DiskCopy") or not mirroring:
+        return 0.0
     return max(0.0, min(1.0, 1 - dirty / total))
 
 

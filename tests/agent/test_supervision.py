@@ -57,3 +57,18 @@ def test_bad_injection_is_refused(agent_vm) -> None:
                           timeout=30)
     assert done.returncode == 2 and "hold:Nowhere=1" in done.stderr and "SVMOTION_INJECT" in done.stderr
     assert vm.nbdkit_pid() is None
+
+
+def test_nbdkit_dying_mid_migration_fails_it_and_rolls_back(agent_vm, dest_dir: Path) -> None:
+    vm = agent_vm(n_disks=1, inject="pause:DiskCopy")
+    migrate = vm.cli_background("migrate", vm.name, "--dest", str(dest_dir))
+    vm.wait_phase("DiskCopy")
+    os.kill(vm.nbdkit_pid(), signal.SIGKILL)
+    out, err = migrate.communicate(timeout=60)
+    assert migrate.returncode == 5, out + err
+    assert "nbdkit exited" in err
+    assert sorted(p.name for p in dest_dir.iterdir()) == []
+    deadline = time.monotonic() + 15
+    while not vm.status()["nbdkit_up"]:
+        assert time.monotonic() < deadline, vm.log_text()
+        time.sleep(0.1)
