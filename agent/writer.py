@@ -302,6 +302,9 @@ class VerifyingWriter:
         except nbd.Error as err:
             with self._lock:
                 self._report.errors.append(f"{disk}: connection failed: {err}")
+        except Exception as err:  # a writer bug must show up in the report, not end a thread quietly
+            with self._lock:
+                self._report.errors.append(f"{disk}: writer failed: {type(err).__name__}: {err}")
         finally:
             try:
                 if h.aio_in_flight() == 0:
@@ -336,13 +339,15 @@ class VerifyingWriter:
         start, span = (self.hot_region if self.hot_region and rng.random() < self.hot_ratio
                        else self.region or (0, size))
         span = min(span, size - start)
+        most = self.max_write // BLOCK
+        medium = min(CHUNK // BLOCK, most)
         roll = rng.random()
-        if roll < 0.5:
+        if roll < 0.5 or most == 1:
             length = BLOCK
         elif roll < 0.8:
-            length = BLOCK * rng.randint(2, CHUNK // BLOCK)
+            length = BLOCK * rng.randint(min(2, medium), medium)
         else:
-            length = BLOCK * rng.randint(CHUNK // BLOCK, self.max_write // BLOCK)
+            length = BLOCK * rng.randint(medium, most)
         length = max(BLOCK, min(length, self.max_write, span - span % BLOCK))
         blocks = (span - length) // BLOCK
         offset = start + BLOCK * rng.randint(0, blocks)

@@ -32,11 +32,12 @@ def patch(path: Path, offset: int, data: bytes) -> None:
         os.close(fd)
 
 
-def test_clean_run_verifies_and_counts(tmp_path: Path, testlib, start_file_server) -> None:
+@pytest.mark.parametrize("max_write", [256 * 1024, 8 * 1024, 4096])
+def test_clean_run_verifies_and_counts(tmp_path: Path, testlib, start_file_server, max_write: int) -> None:
     image = testlib.make_dense_image(tmp_path / "disk0.raw", 8 * MiB)
     uri = start_file_server(image)
     writer, report = run_writer(uri, initial={"disk0": PATTERN}, connections=3, queue_depth=6,
-                                zero_ratio=0.05, trim_ratio=0.05)
+                                zero_ratio=0.05, trim_ratio=0.05, max_write=max_write)
     assert not report.errors and report.writes > 50 and report.zeroes and report.trims, report.summary()
     assert report.max_latency >= report.percentile(50) > 0
     assert 0 < report.longest_stall < 5
