@@ -386,6 +386,7 @@ class Guest:
     proc: subprocess.Popen | None = None
     _new: queue.Queue = field(default_factory=queue.Queue)
     _eof: bool = False
+    _started: float = 0.0
 
     def command(self, initrd: Path) -> list[str]:
         cmd = ["qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "1",
@@ -407,6 +408,7 @@ class Guest:
         return cmd
 
     def start(self) -> "Guest":
+        self._started = time.monotonic()
         initrd = job_initrd(self.images, self.job, self.workdir / "initrd-job.gz")
         with open(self.workdir / "qemu.log", "wb") as err:
             self.proc = subprocess.Popen(self.command(initrd), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -419,7 +421,7 @@ class Guest:
         with open(self.workdir / "console.log", "w") as log:
             for raw in self.proc.stdout:
                 line = raw.decode(errors="replace").rstrip("\r\n").replace("\r", "")
-                log.write(line + "\n")
+                log.write(f"{time.monotonic() - self._started:7.2f} {line}\n")
                 log.flush()
                 self.lines.append(line)
                 self._new.put(line)
@@ -481,6 +483,7 @@ class Guest:
             with contextlib.suppress(OSError):
                 if stream:
                     stream.close()
+        (self.workdir / "initrd-job.gz").unlink(missing_ok=True)     # a per-job copy of the cache
 
     def __enter__(self) -> "Guest":
         return self.start()

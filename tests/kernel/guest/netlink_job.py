@@ -17,12 +17,13 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
-sys.path.insert(0, "/job")
-CFG = json.load(open("/job/config.json"))
-BLOCK = CFG["block"]
-SLOTS = CFG["slots"]
-PER_ROUND = CFG["per_round"]
+BLOCK = 64 * 1024
+
+
+def slot_of(rnd: int, k: int, slots: int) -> int:
+    return (rnd * 7 + k * 13) % slots
 
 
 def say(*words: object) -> None:
@@ -46,7 +47,9 @@ def watch_console(stop: threading.Event) -> None:
 
 
 def main() -> int:
-    attach_args = ["attach", CFG["vm"], CFG["disk"], "--uri", CFG["uri"], "--json"]
+    sys.path.insert(0, "/job")
+    cfg = json.load(open("/job/config.json"))
+    attach_args = ["attach", cfg["vm"], cfg["disk"], "--uri", cfg["uri"], "--json"]
     first = cli(*attach_args)
     say("ATTACH-RC", first.returncode, first.stderr.strip())
     if first.returncode:
@@ -66,20 +69,21 @@ def main() -> int:
     latest: dict[int, int] = {}
     fd = os.open(device, os.O_RDWR | os.O_DIRECT)
     rnd = 0
-    while not stop.is_set() or rnd < CFG["min_rounds"]:
+    while not stop.is_set() or rnd < cfg["min_rounds"]:
         rnd += 1
-        for k in range(PER_ROUND):
-            slot = (rnd * 7 + k * 13) % SLOTS
+        for k in range(cfg["per_round"]):
+            slot = slot_of(rnd, k, cfg["slots"])
             buf.seek(0)
-            buf.write(content(CFG["seed"], rnd, slot))
+            buf.write(content(cfg["seed"], rnd, slot))
             os.pwritev(fd, [buf], slot * BLOCK)
             latest[slot] = rnd
         os.fsync(fd)
         say("ROUND", rnd)
+        time.sleep(cfg["pause"])
     bad = 0
     for slot, r in sorted(latest.items()):
         os.preadv(fd, [buf], slot * BLOCK)
-        if bytes(buf) != content(CFG["seed"], r, slot):
+        if bytes(buf) != content(cfg["seed"], r, slot):
             bad += 1
             say("MISMATCH", slot, r)
     os.close(fd)
