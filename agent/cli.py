@@ -22,7 +22,7 @@ import click
 from agent.config import DEFAULT_AGENT_SOCKET, load_config
 from agent.errors import (EXIT_BY_RESULT, EXIT_INTERNAL, AgentUnreachable, SvmotionError, die)
 from agent.jsonlines import JsonLinesClient, RemoteError
-from agent.phases import MIRROR_MODES, STRATEGIES, human_bytes
+from agent.plan import MIRROR_MODES, STRATEGIES, human_bytes
 from agent.progress import Progress, outcome_line, phase_table, render_line
 
 POLL_S = 0.25

@@ -32,7 +32,8 @@ from agent import __version__, metrics
 from agent.config import AgentConfig, VmConfig
 from agent.errors import EXIT_INTERNAL, EXIT_USAGE, ConfigError, Refused, SvmotionError
 from agent.jsonlines import JsonLinesClient, RemoteError
-from agent.phases import Injection, Migration, MigrationOptions, PARTIAL_SUFFIX
+from agent.phases import Injection, Migration
+from agent.plan import PARTIAL_SUFFIX, MigrationOptions
 from agent.supervisor import Nbdkit
 from nbd_plugin.control import Connection, ControlServer, RequestError
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.jsonlines import JsonLinesClient, RemoteError
-from agent.phases import human_bytes
+from agent.plan import human_bytes
 from agent.progress import Progress, phase_table
 from agent.supervisor import process_start_time
 from agent.writer import VerifyingWriter, fill_pattern_image

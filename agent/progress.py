@@ -14,7 +14,8 @@ import sys
 import time
 from typing import Any, TextIO
 
-from agent.phases import PHASES, human_bytes
+from agent.phases import PHASES
+from agent.plan import human_bytes
 
 BAR_WIDTH = 28
 PLAIN_INTERVAL_S = 2.0

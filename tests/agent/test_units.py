@@ -8,7 +8,8 @@ import pytest
 from agent.cli import parse_duration, parse_size
 from agent.config import load_config
 from agent.errors import EXIT_CONFIG, ConfigError
-from agent.phases import Injection, MigrationOptions
+from agent.phases import Injection
+from agent.plan import MigrationOptions
 from agent.progress import phase_table, render_line
 from agent.errors import SvmotionError
 

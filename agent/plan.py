@@ -1,0 +1,158 @@
+"""What a migration is asked to do, and DiskSetup's checks of it against the VM and the destination.
+
+Design notes
+- `MigrationOptions` is the validated `migrate` request (docs/interfaces.md, section 4); a bad
+  argument is a usage error (exit 2) quoting the value.
+- `plan_migration` runs before the agent answers `migrate` and again in DiskSetup: a refusal
+  (exit 3) happens before anything is created, so "refused" always means "nothing changed".
+- Every object goes to `DEST/<name>` and lives there as `<name>.svmotion-partial` until
+  DiskCopyDone: an interrupted migration never leaves a file that looks complete.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.config import VmConfig
+from agent.errors import EXIT_USAGE, Refused, SvmotionError
+
+STRATEGIES = ("optimized", "legacy")
+MIRROR_MODES = ("sync", "dirty")
+PARTIAL_SUFFIX = ".svmotion-partial"
+
+
+@dataclass
+class MigrationOptions:
+    """What `svmotion migrate` asks for (docs/interfaces.md, section 4, op `migrate`)."""
+
+    dest: str
+    strategy: str = "optimized"
+    rate: int = 0                    # bytes/s for the copier, 0 = unlimited
+    mirror: str = "sync"
+    granularity: int = 64 * 1024
+    stun_budget: float = 0.05        # seconds the switchover stun may take
+    delete_source: bool = False
+    max_passes: int = 10
+
+    @classmethod
+    def from_request(cls, req: dict[str, Any]) -> "MigrationOptions":
+        """Validate the API request's arguments; a bad one is a usage error (exit 2)."""
+        def bad(key: str, fix: str) -> SvmotionError:
+            return SvmotionError(f"bad {key} {req.get(key)!r}: {fix}", EXIT_USAGE)
+
+        dest = req.get("dest")
+        if not isinstance(dest, str) or not dest:
+            raise bad("dest", "give the destination directory, e.g. --dest /mnt/new")
+        opts = cls(dest=dest)
+        if req.get("strategy") is not None:
+            if req["strategy"] not in STRATEGIES:
+                raise bad("strategy", f"use one of {', '.join(STRATEGIES)}")
+            opts.strategy = req["strategy"]
+        if req.get("mirror") is not None:
+            if req["mirror"] not in MIRROR_MODES:
+                raise bad("mirror", f"use one of {', '.join(MIRROR_MODES)}")
+            opts.mirror = req["mirror"]
+        for key, lo in (("rate", 0), ("granularity", 4096), ("max_passes", 1)):
+            value = req.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                raise bad(key, f"an integer >= {lo}")
+            setattr(opts, key, value)
+        if opts.granularity & (opts.granularity - 1):
+            raise bad("granularity", "a power of two >= 4096, e.g. 64K")
+        budget = req.get("stun_budget")
+        if budget is not None:
+            if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget <= 10:
+                raise bad("stun_budget", "seconds in (0, 10], e.g. 0.05")
+            opts.stun_budget = float(budget)
+        opts.delete_source = bool(req.get("delete_source", False))
+        return opts
+
+
+@dataclass
+class DiskPlan:
+    """Where one disk comes from and goes to, and its per-disk files."""
+
+    name: str
+    source: str
+    size: int
+    partial: str
+    final: str
+    sidecars: list[tuple[str, str]] = field(default_factory=list)   # (source, dest final)
+
+
+def partial_name(final: str) -> str:
+    return final + PARTIAL_SUFFIX
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def plan_migration(vm: VmConfig, paths: dict[str, Any], hello: dict[str, Any],
+                   options: MigrationOptions) -> tuple[list[DiskPlan], list[tuple[str, str]]]:
+    """Check the request against the VM and the destination; raise Refused naming what is wrong."""
+    dest = os.path.realpath(options.dest)
+    if not os.path.isdir(dest):
+        raise Refused(f"destination {options.dest!r} is not a directory; create it first (mkdir -p)")
+    if not os.access(dest, os.W_OK | os.X_OK):
+        raise Refused(f"destination {options.dest!r} is not writable; fix its permissions")
+    sizes = {d["name"]: int(d["size"]) for d in hello.get("disks", [])}
+    plan: list[DiskPlan] = []
+    claimed: set[str] = set()
+
+    def target(source: str, name: str) -> str:
+        final = os.path.join(dest, name)
+        for path in (final, partial_name(final)):
+            if os.path.lexists(path):
+                raise Refused(f"destination file {path!r} already exists; remove it or choose another --dest")
+        if final in claimed:
+            raise Refused(f"two objects of VM {vm.name!r} would both be copied to {final!r}; rename one")
+        claimed.add(final)
+        return final
+
+    def existing(path: str, what: str) -> str:
+        if not os.path.isfile(path):
+            raise Refused(f"source {what} {path!r} is missing; restore it or fix the agent's configuration")
+        return path
+
+    for disk in vm.disks:
+        source = existing(paths["disks"][disk.name], f"disk {disk.name!r}")
+        if os.path.realpath(os.path.dirname(source)) == dest:
+            raise Refused(f"destination {options.dest!r} is the directory of the source disk {source!r}; "
+                          f"choose another --dest")
+        if disk.name not in sizes:
+            raise Refused(f"the mirror node does not serve disk {disk.name!r}; restart the agent")
+        side_sources = paths["sidecars"].get(disk.name, list(disk.sidecars))
+        plan.append(DiskPlan(name=disk.name, source=source, size=sizes[disk.name],
+                             partial="", final=target(source, f"{disk.name}.raw")))
+        plan[-1].partial = partial_name(plan[-1].final)
+        plan[-1].sidecars = [(existing(s, f"sidecar of disk {disk.name!r}"), "") for s in side_sources]
+    for disk in plan:
+        disk.sidecars = [(s, target(s, os.path.basename(s))) for s, _ in disk.sidecars]
+    files = [(existing(f, "file"), "") for f in paths["files"]]
+    files = [(s, target(s, os.path.basename(s))) for s, _ in files]
+    check_free_space(dest, options.dest, [d.source for d in plan] + [s for s, _ in files] +
+                     [s for d in plan for s, _ in d.sidecars])
+    return plan, files
+
+
+def check_free_space(dest: str, shown: str, sources: list[str]) -> None:
+    """Refuse when the destination cannot even hold the data the sources have allocated now."""
+    need = sum(os.stat(p).st_blocks * 512 for p in sources)
+    st = os.statvfs(dest)
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        raise Refused(f"destination {shown!r} has {human_bytes(free)} free but the disks and files hold "
+                      f"{human_bytes(need)}; free space there or choose another --dest")
+
+
+def file_stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
