@@ -374,7 +374,10 @@ class Migration:
             self._roll_back(error)
 
     def _finish_success(self) -> None:
-        self._call("flush_dest")
+        # After switchover the plugin's flush_dest has no mirror left to flush: make the
+        # destination durable here, outside any stun, before the source may be deleted.
+        for disk in self.plan:
+            fsync_file(disk.final)
         # `paths`: the files were renamed at DiskCopyDone; the plugin must reopen (legacy) and
         # report them by their final names. (An extension of the `finish` op; see the report.)
         self._call("finish", paths={d.name: d.final for d in self.plan})
@@ -579,6 +582,14 @@ class Migration:
                         self.samples.append(sample)
         finally:
             ctl.close()
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: str) -> None:
