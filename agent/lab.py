@@ -33,6 +33,7 @@ import fcntl
 import gzip
 import hashlib
 import io
+import json
 import os
 import queue
 import re
@@ -395,13 +396,17 @@ class Guest:
                "-append", "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off tsc=unstable "
                           "i8042.noaux i8042.nokbd random.trust_cpu=on"]
         for i, disk in enumerate(self.disks):
-            cmd += ["-blockdev", f'{{"driver":"nbd","node-name":"nbd{i}","export":"{disk.export}",'
-                                 f'"server":{{"type":"unix","path":"{disk.socket}"}}}}',
-                    "-device", f"virtio-blk-pci,drive=nbd{i}"]
+            node = {"driver": "nbd", "node-name": f"nbd{i}", "export": disk.export,
+                    "server": {"type": "unix", "path": disk.socket}}
+            cmd += ["-blockdev", json.dumps(node), "-device", f"virtio-blk-pci,drive=nbd{i}"]
         if self.python:
-            cmd += ["-blockdev", f'{{"driver":"file","node-name":"pyfile","filename":"{self.images.pyroot}",'
-                                 f'"read-only":true}}',
-                    "-blockdev", '{"driver":"raw","node-name":"pyroot","file":"pyfile","read-only":true}',
+            if not self.images.pyroot.exists():
+                raise LabError("pyroot.img is not built; get the images with ensure_images(python=True)")
+            image = {"driver": "file", "node-name": "pyfile", "filename": str(self.images.pyroot),
+                     "read-only": True}
+            cmd += ["-blockdev", json.dumps(image),
+                    "-blockdev", json.dumps({"driver": "raw", "node-name": "pyroot", "file": "pyfile",
+                                             "read-only": True}),
                     "-device", "virtio-blk-pci,drive=pyroot,serial=pyroot"]
         if self.net:
             cmd += ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"]
