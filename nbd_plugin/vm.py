@@ -96,7 +96,7 @@ class VM:
         with self._control:
             if self._stun is not None:
                 raise RequestError(f"stun: VM {self.name} is already stunned ({self._stun.record.id})")
-            record = self._begin_stun(kind, lease, conn)
+            record = self._begin_stun(kind, lease, conn).record
             return {"stun_id": record.id, "drain_seconds": record.drain_seconds}
 
     def op_close_disks(self, req: dict, conn: Connection) -> dict:
@@ -120,11 +120,17 @@ class VM:
             for disk, dest, mode, granularity in plan:
                 if disk.state not in ("passthrough", "closed") or disk.mirror is not None:
                     raise RequestError(f"install_mirror: disk {disk.name} is {disk.state}, not passthrough")
+            installed: list[Disk] = []
             for disk, dest, mode, granularity in plan:
                 try:
                     disk.install_mirror(dest, mode, granularity, self.pool)
                 except (OSError, ValueError) as err:
+                    # All or nothing: a refused request leaves no disk of it mirroring.
+                    for done in reversed(installed):
+                        done.drop_mirror()
+                        stun.undo.remove(done.drop_mirror)
                     raise RequestError(f"install_mirror: disk {disk.name}: {_reason(err)}") from None
+                installed.append(disk)
                 stun.undo.append(disk.drop_mirror)
             return {}
 
@@ -196,10 +202,7 @@ class VM:
             for disk in self.disks.values():
                 disk.stop_copy()
             own = self._stun is None
-            if own:
-                self._begin_stun("abort", self.lease, conn)
-            stun = self._stun if own else self._held_stun(req)
-            assert stun is not None
+            stun = self._begin_stun("abort", self.lease, conn) if own else self._held_stun(req)
             for disk in self.disks.values():
                 if disk.state != SWITCHED:
                     disk.drop_mirror()
@@ -230,7 +233,7 @@ class VM:
 
     # --- stun lifecycle -------------------------------------------------------------------------
 
-    def _begin_stun(self, kind: str, lease: float, owner: Connection | None) -> StunRecord:
+    def _begin_stun(self, kind: str, lease: float, owner: Connection | None) -> Stun:
         """Close the gate and start the lease; the caller holds _control."""
         begun = time.monotonic()
         record = StunRecord(id=f"{self.name}-stun-{next(self._stun_ids)}", kind=kind,
@@ -244,7 +247,7 @@ class VM:
         stun.timer.daemon = True
         self._stun = stun
         stun.timer.start()
-        return record
+        return stun
 
     def _end_stun(self, stun: Stun, outcome: str) -> StunRecord:
         """Open the gate and record what the guest felt; the caller holds _control."""
