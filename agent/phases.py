@@ -135,6 +135,7 @@ class Migration:
         self._abort = threading.Event()
         self._abort_reason = "aborted by the user"
         self._abort_is_failure = False
+        self._copied_base = 0
         self._done = threading.Event()
         self._samples_lock = threading.Lock()             # protects samples and last_status
         self._thread: threading.Thread | None = None
@@ -182,7 +183,7 @@ class Migration:
             "steps": list(self.steps),
             "copy_rate_bps": self.copy_rate_bps,
             "predicted_switchover_stun_seconds": self.predicted_switchover_stun_s,
-            "progress": progress_of(status, self.plan),
+            "progress": progress_of(status, self.plan, self._copied_base),
         }
         if sample_list is not None:
             out["samples"] = sample_list
@@ -285,6 +286,8 @@ class Migration:
         hello = self._call("hello")
         self.plan, self.files = plan_migration(self.vm, self.paths, hello, self.options)
         status = self._call("status")
+        # The plugin's counters are cumulative over the disk's life: progress counts from here.
+        self._copied_base = copied_total(status)
         busy = {n: d["state"] for n, d in status["disks"].items() if d["state"] != "passthrough"}
         if busy:
             raise MigrationFailed(f"disks not in passthrough state: {busy}; abort the earlier migration first")
@@ -574,7 +577,7 @@ class Migration:
                 disks = status["disks"].values()
                 sample = {"t": round(time.monotonic() - t_start, 3), "phase": self.phase,
                           "dirty_bytes": sum(d["dirty_bytes"] for d in disks),
-                          "copied_bytes": sum(sum(d["copied_bytes"].values()) for d in disks),
+                          "copied_bytes": max(0, copied_total(status) - self._copied_base),
                           "guest_written_bytes": sum(d["guest_written_bytes"] for d in disks)}
                 with self._samples_lock:
                     self.last_status = status
@@ -604,7 +607,11 @@ def total_dirty(status: dict[str, Any]) -> int:
     return sum(int(d["dirty_bytes"]) for d in status["disks"].values())
 
 
-def progress_of(status: dict[str, Any] | None, plan: list[DiskPlan]) -> dict[str, Any]:
+def copied_total(status: dict[str, Any]) -> int:
+    return sum(sum(d["copied_bytes"].values()) for d in status["disks"].values())
+
+
+def progress_of(status: dict[str, Any] | None, plan: list[DiskPlan], copied_base: int = 0) -> dict[str, Any]:
     """What a progress bar shows: bytes copied out of the disks' size, rate, dirty bytes left."""
     if not status:
         return {"copied_bytes": 0, "total_bytes": sum(d.size for d in plan), "dirty_bytes": 0, "rate_bps": 0,
@@ -612,7 +619,7 @@ def progress_of(status: dict[str, Any] | None, plan: list[DiskPlan]) -> dict[str
     disks = status["disks"].values()
     return {
         "mirroring": any(d["state"] in ("mirroring", "switched") for d in disks),
-        "copied_bytes": sum(sum(d["copied_bytes"].values()) for d in disks),
+        "copied_bytes": max(0, copied_total(status) - copied_base),
         "total_bytes": sum(d.size for d in plan),
         "dirty_bytes": sum(d["dirty_bytes"] for d in disks),
         "rate_bps": sum(copy_of(d).get("rate_bps") or 0 for d in disks if copy_of(d).get("running")),
