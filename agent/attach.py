@@ -14,7 +14,10 @@ Design notes
   serialises attach and detach on the host, so two concurrent attaches cannot both win.
 - Idempotence: attaching a disk that is attached and alive answers with the same device and
   changes nothing; detaching a device that is not attached says so and succeeds. A record whose
-  device died (crash, reboot) is cleaned up and replaced.
+  device died (crash, reboot) is cleaned up and replaced. For a kernel nbd device, attaching
+  again also offers the kernel a fresh socket (NBD_CMD_RECONFIGURE): the kernel takes it only
+  in place of a dead connection, so after nbdkit was restarted the held IO resumes, and on a
+  healthy device nothing changes.
 - "Attached elsewhere" is asked of the kernel, not only of our records: a loop device whose
   backing file is an svmotion nbdfuse file for the same export, or an nbd device whose backend
   identifier (sysfs `backend`) is the same export URI, in any state directory, is a refusal,
@@ -301,6 +304,8 @@ def attach(export: Export, state_dir: str = DEFAULT_STATE_DIR, method: str = "au
                 raise Refused(f"{export.vm}/{export.disk} is already attached at {existing.device} to "
                               f"{existing.uri}; detach it first (svmotion detach {existing.device})")
             existing.created = False
+            if existing.method == "netlink":
+                refresh_netlink(existing)
             return existing
         if existing is not None:
             remove_remains(slot, existing)
@@ -344,6 +349,22 @@ def attach_netlink(export: Export, reason: str, connections: int, undo: contextl
     device = f"/dev/nbd{index}"
     wait_for(lambda: os.path.exists(device), f"{device} to appear")
     return Attachment(export.vm, export.disk, export.uri, device, "netlink", reason, info.size)
+
+
+def refresh_netlink(att: Attachment) -> None:
+    """Hand the kernel a fresh socket for a connection that died (nbdkit restarted by the agent).
+
+    IO on a dead connection waits (NBD_ATTR_DEAD_CONN_TIMEOUT) rather than failing, so running
+    `svmotion attach` again resumes it. On a healthy device the kernel ignores the socket.
+    """
+    address, name = parse_uri(att.uri)
+    try:
+        sock, _ = nbd_netlink.open_export(address, name)
+    except (OSError, nbd_netlink.NbdHandshakeError) as err:
+        raise SvmotionError(f"{att.vm}/{att.disk} is attached at {att.device}, but {att.uri} cannot be "
+                            f"reached to refresh its connection ({err}); is the VM's nbdkit running?", 3) from None
+    with sock, nbd_netlink.KernelNbd() as kernel:
+        kernel.reconnect(int(att.device.removeprefix("/dev/nbd")), [sock.fileno()], backend=att.uri)
 
 
 def _disconnect_quietly(index: int) -> None:

@@ -70,6 +70,9 @@ def attach_cmd(vm: str, disk: str, config_path: str | None, uri: str | None, met
     if att.created:
         how = "kernel nbd (netlink)" if att.method == "netlink" else "nbdfuse + loop"
         click.echo(f"svmotion: attached {vm}/{disk} at {att.device} via {how} ({att.reason})", err=True)
+    elif att.method == "netlink":
+        click.echo(f"svmotion: {vm}/{disk} was already attached at {att.device}; its connection was "
+                   f"renewed if it had died (a healthy one is left as it is)", err=True)
     else:
         click.echo(f"svmotion: {vm}/{disk} was already attached at {att.device}; nothing changed", err=True)
 

@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LAB_FORMAT = 4          # bump when the build below changes what the images hold
+LAB_FORMAT = 5          # bump when the build below changes what the images hold
 GUEST_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "ext4", "crc32c_generic", "nbd")
 PY_EXCLUDE = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
               "distutils", "config-3.11-x86_64-linux-gnu", "site-packages", "dist-packages"}
@@ -272,8 +272,8 @@ def build_base(root: Path) -> None:
             (tree / d).mkdir()
         with gzip.open(root / "initrd.gz.tmp", "wb", compresslevel=6) as out:
             cpio = Cpio(out)
-            cpio.chardev("dev/console", 5, 1)
             cpio.tree(tree)
+            cpio.chardev("dev/console", 5, 1)     # init's stdio, before devtmpfs is mounted
             cpio.close()
         os.replace(root / "initrd.gz.tmp", root / "initrd.gz")
         shutil.copy2(next((unpacked / "boot").glob("vmlinuz-*")), root / "vmlinuz")

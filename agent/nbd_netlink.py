@@ -49,8 +49,13 @@ CMD_CONNECT = 1
 CMD_DISCONNECT = 2
 CMD_RECONFIGURE = 3
 CMD_STATUS = 5
+COMMAND_NAMES = {CMD_CONNECT: "CONNECT", CMD_DISCONNECT: "DISCONNECT", CMD_RECONFIGURE: "RECONFIGURE",
+                 CMD_STATUS: "STATUS"}
 
 DEFAULT_TIMEOUT_S = 30   # per request; a stun holds requests for at most its lease (2 s)
+# After the server goes away (nbdkit killed and restarted by the agent), IO waits this long for
+# a new socket (RECONFIGURE, done by `svmotion attach` again) instead of failing at once.
+DEAD_CONN_TIMEOUT_S = 120
 MAX_OPTION_REPLY = 1 << 20
 
 
@@ -228,6 +233,10 @@ def _netlink_classes():
     return nbd_msg
 
 
+def _sockets(fds: list[int]) -> list:
+    return ["NBD_ATTR_SOCKETS", {"attrs": [["NBD_SOCK_ITEM", {"attrs": [["NBD_SOCK_FD", fd]]}] for fd in fds]}]
+
+
 @dataclass(frozen=True)
 class DeviceStatus:
     index: int
@@ -267,18 +276,19 @@ class KernelNbd:
         try:
             return list(self._sock.nlm_request(msg, msg_type=self._sock.prid, msg_flags=self._flags))
         except self._error as err:
-            raise OSError(err.code, f"nbd netlink command {cmd}: {os.strerror(err.code)}") from None
+            raise OSError(err.code, f"nbd netlink {COMMAND_NAMES.get(cmd, cmd)}: {os.strerror(err.code)} "
+                                    f"(the kernel log says why: dmesg)") from None
 
     def connect(self, fds: list[int], info: ExportInfo, backend: str, index: int | None = None,
-                timeout: int = DEFAULT_TIMEOUT_S) -> int:
+                timeout: int = DEFAULT_TIMEOUT_S, dead_conn_timeout: int = DEAD_CONN_TIMEOUT_S) -> int:
         """NBD_CMD_CONNECT: give the kernel the negotiated sockets; return the device index."""
         attrs = [
             ["NBD_ATTR_SIZE_BYTES", info.size],
             ["NBD_ATTR_BLOCK_SIZE_BYTES", info.block_size],
             ["NBD_ATTR_SERVER_FLAGS", info.flags],
             ["NBD_ATTR_TIMEOUT", timeout],
-            ["NBD_ATTR_SOCKETS", {"attrs": [
-                ["NBD_SOCK_ITEM", {"attrs": [["NBD_SOCK_FD", fd]]}] for fd in fds]}],
+            ["NBD_ATTR_DEAD_CONN_TIMEOUT", dead_conn_timeout],
+            _sockets(fds),
             ["NBD_ATTR_BACKEND_IDENTIFIER", backend],
         ]
         if index is not None:
@@ -287,15 +297,21 @@ class KernelNbd:
             found = reply.get_attr("NBD_ATTR_INDEX")
             if found is not None:
                 return int(found)
-        raise OSError(f"NBD_CMD_CONNECT succeeded without naming the device (kernel sent no index)")
+        raise OSError("NBD_CMD_CONNECT succeeded without naming the device (kernel sent no index)")
 
     def disconnect(self, index: int) -> None:
         """NBD_CMD_DISCONNECT: the kernel sends NBD_CMD_DISC and drops its sockets."""
         self._request(CMD_DISCONNECT, [["NBD_ATTR_INDEX", index]])
 
-    def reconfigure(self, index: int, timeout: int) -> None:
-        """NBD_CMD_RECONFIGURE: change the request timeout of a connected device."""
-        self._request(CMD_RECONFIGURE, [["NBD_ATTR_INDEX", index], ["NBD_ATTR_TIMEOUT", timeout]])
+    def reconnect(self, index: int, fds: list[int], backend: str) -> None:
+        """NBD_CMD_RECONFIGURE with sockets: each replaces a *dead* connection of the device.
+
+        The kernel ignores a socket when no connection is dead (and says nothing), so this is
+        safe to call on a healthy device: it then changes nothing. A device connected with a
+        backend identifier must be named with the same one, or the kernel refuses (EINVAL).
+        """
+        self._request(CMD_RECONFIGURE, [["NBD_ATTR_INDEX", index], _sockets(fds),
+                                        ["NBD_ATTR_BACKEND_IDENTIFIER", backend]])
 
     def status(self, index: int | None = None) -> list[DeviceStatus]:
         """NBD_CMD_STATUS: every nbd device (or one) and whether it is connected."""

@@ -5,14 +5,20 @@ guest boots with pyroot.img (Debian's Python + python3-pyroute2 + python3-click)
 guest/netlink_job.py: the project's own `agent.cli_attach attach` connects /dev/nbdX through the
 `nbd` generic netlink family to the agent's nbdkit on the host (QEMU user network -> a TCP relay
 -> the VM's Unix socket), O_DIRECT writes of known blocks go through it in rounds while the host
-runs `svmotion migrate`, then the guest reads everything back and detaches (twice: idempotent).
+runs `svmotion migrate`. Then nbdkit is killed (SIGKILL, by PID): the agent restarts it, the
+kernel holds the guest's IO on the dead connection, and `attach` run again hands the kernel a
+fresh socket (NBD_CMD_RECONFIGURE), so the writes resume without an error. Finally the guest
+reads everything back and detaches (twice: idempotent).
 The host checks the destination image holds exactly the source plus the guest's last writes.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +47,11 @@ def make_source(path: Path, size: int) -> bytes:
         f.write(head)
         f.truncate(size)
     return head + bytes(size - len(head))
+
+
+def restarted(agent, old_pid: int) -> bool:
+    vm = agent.call("status")["vms"][0]
+    return vm.get("nbdkit_up", True) and vm["nbdkit_pid"] not in (None, old_pid) and agent.nbd_socket.exists()
 
 
 def last_round(lines: list[str]) -> int:
@@ -78,6 +89,19 @@ def test_netlink_attach_in_guest_while_the_export_migrates(tmp_path: Path, kerne
     print(f"guest rounds at migration start 2, at switchover {at_switchover}; "
           f"stuns {[round(s.get('duration_seconds') or 0, 4) for s in record['stuns']]}")
     guest.wait_for(rf"^ROUND {at_switchover + 3}$", timeout=90)      # through the destination now
+
+    # nbdkit dies; the agent restarts it (on the destination); `attach` again revives the device.
+    old_pid = agent.call("status")["vms"][0]["nbdkit_pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not restarted(agent, old_pid):
+        assert time.monotonic() < deadline, f"the agent did not restart nbdkit:\n{agent.log_text()}"
+        time.sleep(0.1)
+    at_kill = last_round(guest.lines)
+    guest.send("reattach")
+    reattached = guest.wait_for(r"^REATTACH-RC (\d+)(.*)$", timeout=90)
+    assert reattached.group(1) == "0", reattached.group(2)
+    guest.wait_for(rf"^ROUND {at_kill + 3}$", timeout=90)
     guest.send("stop")
     exit_code = guest.wait_exit(timeout=150)
 
@@ -88,6 +112,8 @@ def test_netlink_attach_in_guest_while_the_export_migrates(tmp_path: Path, kerne
     assert re.search(r"^DETACH-AGAIN-RC 0 .*not attached", console, re.M), console
     assert "AFTER-DETACH-BACKEND -" in console and "GUEST-IO-ERRORS" not in console
     assert at_switchover > 2, "the guest wrote nothing while the export migrated"
+    dead = re.search(r"^DEAD-CONNECTION-EVENTS (\d+)$", console, re.M)
+    assert dead and int(dead.group(1)) >= 1, "the kernel never saw its connection die: the kill proved nothing"
 
     # What the guest wrote landed host-side, on the destination, and nothing else changed.
     block = job_mod.BLOCK

@@ -6,6 +6,9 @@ Steps, each reported on the console for the host test:
    kernel has the nbd module. A second attach must answer the same device (idempotent).
 2. Rounds of O_DIRECT writes of known blocks through /dev/nbdX, each round ended by fsync (an
    NBD flush), until the host says "stop" on the console (it migrates the export meanwhile).
+   On "reattach" the attach command runs again (from another thread, as the writes may be
+   waiting on a dead connection): after the host killed nbdkit and the agent restarted it,
+   that hands the kernel a fresh socket and the held writes resume.
 3. Every block read back (O_DIRECT: from the server, not the page cache) and compared.
 4. `detach`, twice (the second must be a no-op), and the device must be disconnected.
 The host regenerates each block from (seed, round, slot) to check the destination image.
@@ -39,8 +42,12 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           cwd="/job", capture_output=True, text=True)
 
 
-def watch_console(stop: threading.Event) -> None:
+def watch_console(stop: threading.Event, attach_args: list[str]) -> None:
+    """Host commands: "reattach" (attach again: a fresh socket for a dead connection), "stop"."""
     for line in sys.stdin:
+        if line.strip() == "reattach":
+            again = cli(*attach_args)
+            say("REATTACH-RC", again.returncode, again.stderr.strip())
         if line.strip() == "stop":
             stop.set()
             return
@@ -64,7 +71,7 @@ def main() -> int:
     say("BACKEND", open(f"/sys/block/{name}/backend").read().strip())
 
     stop = threading.Event()
-    threading.Thread(target=watch_console, args=(stop,), daemon=True).start()
+    threading.Thread(target=watch_console, args=(stop, attach_args), daemon=True).start()
     buf = mmap.mmap(-1, BLOCK)          # page-aligned, as O_DIRECT wants
     latest: dict[int, int] = {}
     fd = os.open(device, os.O_RDWR | os.O_DIRECT)
