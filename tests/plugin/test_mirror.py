@@ -617,6 +617,33 @@ def test_malformed_control_messages_get_one_line_and_change_nothing(vm_factory, 
     assert_clean(writer, report, node.disks)
 
 
+def test_refused_install_under_a_legacy_stun_leaves_the_disks_closed(vm_factory, tmp_path: Path) -> None:
+    """Legacy: after close_disks, a refused install_mirror changes nothing; a good one then works."""
+    node = vm_factory(2, size=8 * MiB)
+    ctl = node.client()
+    good = make_dests(tmp_path / "dst", node.disks)
+    wrong_size = tmp_path / "small.raw"
+    wrong_size.write_bytes(b"\0" * 4096)
+    writer = start_writer(node)
+    try:
+        wait_writes(writer, 20)
+        stun_id = ctl.call("stun", lease=10)["stun_id"]
+        ctl.call("close_disks", stun_id=stun_id)
+        reply = ctl.call_raw(json.dumps({"op": "install_mirror", "stun_id": stun_id, "disks": {
+            "disk0": {"dest": str(good["disk0"])}, "disk1": {"dest": str(wrong_size)}}}))
+        check_error_reply(reply, "second disk's dest of the wrong size", "4096 bytes")
+        states = {n: d["state"] for n, d in disk_status(ctl).items()}
+        assert states == {"disk0": "closed", "disk1": "closed"}, f"a refused install_mirror changed the disks: {states}"
+        ctl.call("install_mirror", stun_id=stun_id, disks={n: {"dest": str(p)} for n, p in good.items()})
+        ctl.call("unstun", stun_id=stun_id)
+        assert {d["state"] for d in disk_status(ctl).values()} == {"mirroring"}
+        ctl.call("abort")
+        wait_writes(writer, 20)
+    finally:
+        report = writer.stop()
+    assert_clean(writer, report, node.disks)
+
+
 def test_control_socket_is_private(vm2, sock_dir: Path) -> None:
     mode = stat.S_IMODE(os.stat(vm2.control).st_mode)
     assert mode == 0o600, f"control socket mode {mode:o}, want 600"
