@@ -367,10 +367,18 @@ def refresh_netlink(att: Attachment) -> None:
         kernel.reconnect(int(att.device.removeprefix("/dev/nbd")), [sock.fileno()], backend=att.uri)
 
 
+def disconnect_netlink(index: int) -> None:
+    """NBD_CMD_DISCONNECT, then NBD_CMD_STATUS until the kernel says the device is free."""
+    with nbd_netlink.KernelNbd() as kernel:
+        kernel.disconnect(index)
+        wait_for(lambda: not any(d.connected for d in kernel.status(index)),
+                 f"/dev/nbd{index} to disconnect", EXIT_TIMEOUT_S)
+
+
 def _disconnect_quietly(index: int) -> None:
-    with contextlib.suppress(OSError, nbd_netlink.KernelNbdUnavailable):
-        with nbd_netlink.KernelNbd() as kernel:
-            kernel.disconnect(index)
+    """The undo of a half-made attach: best effort, the original error is what the user sees."""
+    with contextlib.suppress(OSError, nbd_netlink.KernelNbdUnavailable, SvmotionError):
+        disconnect_netlink(index)
 
 
 def attach_nbdfuse(export: Export, slot: Path, reason: str, undo: contextlib.ExitStack) -> Attachment:
@@ -445,8 +453,7 @@ def remove_remains(slot: Path, att: Attachment) -> None:
     if att.method == "netlink":
         index = int(att.device.removeprefix("/dev/nbd"))
         if nbd_backends().get(att.device) == att.uri:
-            _disconnect_quietly(index)
-            wait_for(lambda: att.device not in nbd_backends(), f"{att.device} to disconnect")
+            disconnect_netlink(index)
     else:
         if att.fuse_file and loop_backing_files().get(att.device) == att.fuse_file:
             detach_loop(att.device)

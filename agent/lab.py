@@ -495,3 +495,56 @@ class Guest:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# ---------------------------------------------------------------- demo entry point
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m agent.lab [--disk SOCKET:EXPORT]... [--net] [--python] 'SHELL COMMAND'`.
+
+    Boots the lab guest on svmotion exports (they appear as /dev/vda, /dev/vdb, ... in order),
+    runs the command with busybox sh, streams the console, and exits with the command's code.
+    Example: `python -m agent.lab --disk /run/svmotion/vm1.nbd:disk0 'mount /dev/vda /mnt && df /mnt'`
+    """
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(prog="python -m agent.lab", description=main.__doc__.splitlines()[0])
+    parser.add_argument("--disk", action="append", default=[], metavar="SOCKET:EXPORT",
+                        help="an NBD export on a Unix socket, e.g. /run/svmotion/vm1.nbd:disk0 (repeatable)")
+    parser.add_argument("--net", action="store_true", help="user-mode network (the host is 10.0.2.2)")
+    parser.add_argument("--python", action="store_true", help="attach pyroot.img (chroot /py python3 ...)")
+    parser.add_argument("--cache", type=Path, help="image cache (default ~/.cache/svmotion/lab)")
+    parser.add_argument("command", help="shell command run in the guest")
+    args = parser.parse_args(argv)
+    disks = []
+    for spec in args.disk:
+        sock, sep, export = spec.rpartition(":")
+        if not sep or not sock:
+            parser.error(f"--disk {spec!r} is not SOCKET:EXPORT; write e.g. /run/svmotion/vm1.nbd:disk0")
+        disks.append(NbdDisk(sock, export))
+    try:
+        images = ensure_images(args.cache, python=args.python)
+        with tempfile.TemporaryDirectory(prefix="svmotion-lab-") as tmp:
+            guest = Guest(images, {"run.sh": args.command + "\n"}, Path(tmp), disks=disks,
+                          python=args.python, net=args.net)
+            with guest:
+                shown = 0
+                match = None
+                while match is None:
+                    try:
+                        match = guest.wait_for(rf"^{JOB_EXIT} (\d+)$", timeout=1.0, start=shown)
+                    except LabError:
+                        if guest.proc and guest.proc.poll() is not None:
+                            raise
+                    for line in guest.lines[shown:]:
+                        if not line.startswith((JOB_EXIT, GUEST_UP)):
+                            print(line, flush=True)
+                    shown = len(guest.lines)
+                return int(match.group(1))
+    except LabError as err:
+        print(f"svmotion lab: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
