@@ -94,9 +94,9 @@ def copy_pass(source: FileBackend, mirror: Mirror, stats: DiskStats, progress: P
               should_stop: Callable[[], bool], rate: int = 0, deadline: float | None = None) -> None:
     """Walk the dirty map once.
 
-    A failed run stays dirty for a later pass; only when MAX_CONSECUTIVE_ERRORS runs fail in a row
-    (or any run fails under a deadline) does the pass stop, with the first error in progress.error.
-    Nothing is raised but DeadlineExceeded.
+    A failed run stays dirty for a later pass, and the pass goes on; when MAX_CONSECUTIVE_ERRORS
+    runs fail in a row (or any run fails under a deadline) the pass stops. Either way the first
+    error is in progress.error. Nothing is raised but DeadlineExceeded.
     """
     failures = 0
     first_error: str | None = None
@@ -124,6 +124,7 @@ def copy_pass(source: FileBackend, mirror: Mirror, stats: DiskStats, progress: P
             if ahead > 0:
                 time.sleep(min(ahead, 0.5))
         chunk = mirror.map.next_dirty(last + 1)
+    progress.error = first_error
 
 
 class CopyJob:

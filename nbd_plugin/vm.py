@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from .control import Connection, RequestError
 from .copier import DeadlineExceeded, PassProgress, copy_pass
-from .disk import MIRRORING, PASSTHROUGH, SWITCHED, Disk
+from .disk import CLOSED, MIRRORING, PASSTHROUGH, SWITCHED, Disk
 from .gate import DrainTimeout, StunGate
 from .mirror import MODES
 
@@ -118,19 +118,23 @@ class VM:
         with self._control:
             stun = self._held_stun(req)
             for disk, dest, mode, granularity in plan:
-                if disk.state not in ("passthrough", "closed") or disk.mirror is not None:
+                if disk.state not in (PASSTHROUGH, CLOSED) or disk.mirror is not None:
                     raise RequestError(f"install_mirror: disk {disk.name} is {disk.state}, not passthrough")
-            installed: list[Disk] = []
+            installed: list[tuple[Disk, bool]] = []
             for disk, dest, mode, granularity in plan:
+                was_closed = disk.state == CLOSED
                 try:
                     disk.install_mirror(dest, mode, granularity, self.pool)
                 except (OSError, ValueError) as err:
-                    # All or nothing: a refused request leaves no disk of it mirroring.
-                    for done in reversed(installed):
+                    # All or nothing: a refused request leaves every disk as it found it,
+                    # closed ones (legacy) closed again.
+                    for done, closed_before in reversed(installed):
                         done.drop_mirror()
+                        if closed_before:
+                            done.close_files()
                         stun.undo.remove(done.drop_mirror)
                     raise RequestError(f"install_mirror: disk {disk.name}: {_reason(err)}") from None
-                installed.append(disk)
+                installed.append((disk, was_closed))
                 stun.undo.append(disk.drop_mirror)
             return {}
 
