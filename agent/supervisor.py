@@ -23,7 +23,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from agent.config import VmConfig
 from agent.errors import SvmotionError
@@ -37,11 +37,14 @@ READY_TIMEOUT_S = 15.0
 
 
 def nbdkit_command(vm: VmConfig, disk_paths: dict[str, str], control: str) -> list[str]:
-    """The nbdkit command line of docs/interfaces.md, section 1, disks in configuration order."""
-    cmd = ["nbdkit", "--foreground", "--unix", vm.socket]
-    if vm.listen:
-        host, _, port = vm.listen.rpartition(":")
-        cmd += ["--ipaddr", host, "--port", port]
+    """The nbdkit command line of docs/interfaces.md, section 1, disks in configuration order.
+
+    nbdkit takes either a Unix socket or a TCP port on its command line, never both; a VM with a
+    TCP `listen` gets both listeners through socket activation instead (see listening_sockets).
+    """
+    cmd = ["nbdkit", "--foreground"]
+    if not vm.listen:
+        cmd += ["--unix", vm.socket]
     cmd += ["--threads", str(THREADS), "python", str(plugin_script()), f"vm={vm.name}"]
     cmd += [f"disk={d.name}:{disk_paths[d.name]}" for d in vm.disks]
     cmd += [f"control={control}", f"lease={vm.lease}"]
@@ -79,21 +82,63 @@ def remove_stale_socket(path: str) -> None:
         probe.close()
 
 
+def listening_sockets(vm: VmConfig) -> list[socket.socket]:
+    """The Unix and TCP listeners of a VM with a `listen` address, for nbdkit's socket activation."""
+    if not vm.listen:
+        return []
+    host, _, port = vm.listen.rpartition(":")
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    tcp = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        unix.bind(vm.socket)
+        unix.listen(64)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind((host.strip("[]"), int(port)))
+        tcp.listen(64)
+    except OSError as err:
+        unix.close()
+        tcp.close()
+        raise SvmotionError(f"VM {vm.name!r}: cannot listen on {vm.socket} and {vm.listen}: {err.strerror}; "
+                            "choose a free address in the configuration") from None
+    return [unix, tcp]
+
+
+def _hand_over(fds: list[int]) -> Callable[[], None]:
+    """A preexec function placing fds at 3, 4, ... as socket activation (LISTEN_FDS) wants them."""
+    def place() -> None:
+        copies = [os.dup(fd) for fd in fds]   # first dup, so that dup2 never overwrites a source
+        for index, fd in enumerate(copies):
+            os.dup2(fd, 3 + index)
+            os.set_inheritable(3 + index, True)
+    return place
+
+
 # Run "$@" as an orphan: a subshell waits until its parent shell is gone (reaped by us), so it has
 # been re-parented, and only then execs nbdkit (same pid, printed first). Why: nbdkit 1.32 as
 # shipped in Debian 12 calls prctl(PR_SET_PDEATHSIG, SIGTERM) at start-up even without
 # --exit-with-parent (seen with strace), so a child of the agent would die with the agent.
-_LAUNCH = ('( while kill -0 "$$" 2>/dev/null; do sleep 0.005; done; exec "$@" ) '
+# The inner sh exports its own pid as LISTEN_PID before exec'ing nbdkit under that same pid, as
+# socket activation requires; without LISTEN_FDS nbdkit ignores it.
+_LAUNCH = ('( while kill -0 "$$" 2>/dev/null; do sleep 0.005; done; '
+           'exec /bin/sh -c \'LISTEN_PID=$$; export LISTEN_PID; exec "$@"\' sh "$@" ) '
            '</dev/null >>"$SVMOTION_LOG" 2>&1 & echo $!')
 
 
-def launch_detached(cmd: list[str], log_file: str, env: dict[str, str]) -> int:
-    """Start `cmd` in a new session, not as our child, output appended to log_file; return its pid."""
+def launch_detached(cmd: list[str], log_file: str, env: dict[str, str],
+                    listeners: list[socket.socket] = ()) -> int:
+    """Start `cmd` in a new session, not as our child, output appended to log_file; return its pid.
+
+    `listeners` are handed to it by socket activation (fds 3, 4, ...; LISTEN_FDS).
+    """
     with open(log_file, "ab") as out:
         out.write(f"--- {time.strftime('%F %T')} {' '.join(cmd)}\n".encode())
+    if listeners:
+        env = dict(env, LISTEN_FDS=str(len(listeners)))
     shell = subprocess.run(["/bin/sh", "-c", _LAUNCH, "sh", *cmd], stdin=subprocess.DEVNULL,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                           env=dict(os.environ, SVMOTION_LOG=log_file, **env), timeout=10, check=True)
+                           env=dict(os.environ, SVMOTION_LOG=log_file, **env), timeout=10, check=True,
+                           preexec_fn=_hand_over([s.fileno() for s in listeners]) if listeners else None,
+                           close_fds=not listeners)
     return int(shell.stdout)
 
 
@@ -167,7 +212,12 @@ class Nbdkit:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         remove_stale_socket(self.vm.socket)
         cmd = nbdkit_command(self.vm, disk_paths, self.control)
-        self.pid = launch_detached(cmd, self.log_file, {"PYTHONPATH": str(plugin_pythonpath())})
+        listeners = listening_sockets(self.vm)
+        try:
+            self.pid = launch_detached(cmd, self.log_file, {"PYTHONPATH": str(plugin_pythonpath())}, listeners)
+        finally:
+            for listener in listeners:   # nbdkit holds its own copies now
+                listener.close()
         # None here means it already exited (alive() says so, and _wait_ready shows the log).
         self._start_time = process_start_time(self.pid)
         deadline = time.monotonic() + READY_TIMEOUT_S

@@ -210,7 +210,7 @@ def agent_vm(tmp_path: Path) -> Iterator[Callable[..., AgentVM]]:
     states: list[Path] = []
 
     def make(n_disks: int = 1, size: int = 32 * MiB, start: bool = True, inject: str | None = None,
-             lease: float | None = None) -> AgentVM:
+             lease: float | None = None, listen: str | None = None) -> AgentVM:
         src = tmp_path / f"src{len(made)}"
         src.mkdir()
         state = Path(tempfile.mkdtemp(prefix="sva-", dir="/tmp"))
@@ -229,7 +229,8 @@ def agent_vm(tmp_path: Path) -> Iterator[Callable[..., AgentVM]]:
         nvram.write_bytes(os.urandom(8192))
         vm = AgentVM(root=tmp_path, state=state, name="vm1", disks=disks, pristine=pristine,
                      files=[nvram], sidecars=sidecars, config=tmp_path / f"agent{len(made)}.toml")
-        write_config(vm, extra_vm=f"lease = {lease}" if lease else "")
+        extra = [f"lease = {lease}" if lease else "", f'listen = "{listen}"' if listen else ""]
+        write_config(vm, extra_vm="\n".join(extra))
         made.append(vm)
         if start:
             vm.start(inject)

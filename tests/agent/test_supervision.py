@@ -4,13 +4,19 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+import nbd
+
 from agent.supervisor import process_start_time
+from agent.writer import VerifyingWriter
+
+MiB = 1 << 20
 
 
 def test_dead_nbdkit_is_restarted_on_current_paths(agent_vm) -> None:
@@ -72,3 +78,33 @@ def test_nbdkit_dying_mid_migration_fails_it_and_rolls_back(agent_vm, dest_dir: 
     while not vm.status()["nbdkit_up"]:
         assert time.monotonic() < deadline, vm.log_text()
         time.sleep(0.1)
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_vm_with_tcp_listen_serves_unix_and_tcp_through_a_migration(agent_vm, dest_dir: Path) -> None:
+    """nbdkit takes -U or -p, not both: the supervisor hands it both listeners by socket activation."""
+    port = free_tcp_port()
+    vm = agent_vm(n_disks=1, listen=f"127.0.0.1:{port}")
+    tcp_uri = f"nbd://127.0.0.1:{port}/disk0"
+    writer = VerifyingWriter({"disk0": tcp_uri}, connections=2, queue_depth=4, rate=2 * MiB, seed=7,
+                             initial={"disk0": str(vm.pristine["disk0"])})
+    writer.start()
+    try:
+        done = vm.cli("migrate", vm.name, "--dest", str(dest_dir))
+        assert done.returncode == 0, done.stderr
+    finally:
+        report = writer.stop()
+    assert report.writes > 0 and not report.errors, report.errors[:3]
+    assert writer.verify_image("disk0", str(dest_dir / "disk0.raw")) == []
+    for uri in (tcp_uri, vm.uri("disk0")):
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        try:
+            assert h.get_size() == os.path.getsize(dest_dir / "disk0.raw"), uri
+        finally:
+            h.shutdown()
