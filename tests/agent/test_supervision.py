@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import nbd
+from agentproc import free_tcp_port
 
 from agent.supervisor import process_start_time
 from agent.writer import VerifyingWriter
@@ -78,12 +78,6 @@ def test_nbdkit_dying_mid_migration_fails_it_and_rolls_back(agent_vm, dest_dir: 
     while not vm.status()["nbdkit_up"]:
         assert time.monotonic() < deadline, vm.log_text()
         time.sleep(0.1)
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_vm_with_tcp_listen_serves_unix_and_tcp_through_a_migration(agent_vm, dest_dir: Path) -> None:
