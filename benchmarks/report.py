@@ -179,7 +179,7 @@ def read_json(path: str) -> tuple[list[Case], dict[str, Any]]:
 def markdown(cases: list[Case], meta: dict[str, Any], analysis: str = "") -> str:
     """bench/SUMMARY.md: verdicts first, then every case's rows and commands."""
     out = ["# svmotion benchmark summary", ""]
-    out.append(f"Command: `{meta['command']}` — run {meta['env']['date']}, {meta['seconds']:.0f} s "
+    out.append(f"Command: `{meta['command']}` (what `make bench` runs) — run {meta['env']['date']}, {meta['seconds']:.0f} s "
                f"on {meta['env']['cpus']} CPUs (load average at start "
                f"{' '.join(meta['env']['loadavg_at_start'])}), mode `{meta['mode']}`.")
     out.append("")

@@ -131,7 +131,9 @@ class MirrorNodeDriver:
         dests = {}
         for name, path in self.paths.items():
             base = path.split(".m")[0].removesuffix(".raw")
-            dest = f"{base}.m{self.generation}.raw"
+            # A driver may start on a disk an earlier driver already migrated: skip taken names.
+            while os.path.exists(dest := f"{base}.m{self.generation}.raw"):
+                self.generation += 1
             if make_files:
                 images.make_empty(dest, os.path.getsize(path))
             dests[name] = dest
