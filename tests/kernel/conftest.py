@@ -1,20 +1,20 @@
-"""Fixtures for the kernel-path tests: the agent, attach state, mounts, the VM lab, a TCP relay.
+"""Fixtures for the kernel-path tests: the agent, attach state, mounts, the VM lab.
 
 Design notes
 - Every test here is `@pytest.mark.kernel`. A missing kernel or host feature (FUSE, loop
   devices, QEMU, root) is a `pytest.skip` that says what is missing and how to get it; a broken
   build or a wrong result is a failure, never a skip.
-- The agent runs as `python -m agent.cli agent --config FILE`, exactly as a user runs it; it
-  starts nbdkit itself (detached), so teardown asks it to `shutdown` with stop_vms and then stops
-  the nbdkit its pid file names, by PID and only if that process's start time still matches.
+- The agent is tests/agentproc.py's (run as `python -m agent.cli agent --config FILE`, stopped
+  with its nbdkit by PID), shared with the agent and live metrics tests; `kernel_agent` waits
+  until nbdkit serves, because the kernel clients connect at once.
 - Attachments made by a test are recorded in the test's own state directory; teardown detaches
   whatever is left there (through the project's own code) and then checks that no loop device,
   nbdfuse process or FUSE mount of the test survived.
 - The lab's images are cached across runs (~/.cache/svmotion/lab or SVMOTION_LAB_CACHE) and
   built on first use by the `lab_images` fixture: a fresh CI machine builds them in ~20 s.
-- The guest reaches host services over QEMU's user network (host 127.0.0.1 = guest 10.0.2.2);
-  nbdkit cannot listen on a Unix socket and TCP at once, so a small relay forwards a TCP port to
-  the VM's Unix socket (the NBD stream passes through untouched).
+- The guest reaches host services over QEMU's user network (host 127.0.0.1 = guest 10.0.2.2):
+  `kernel_agent(..., listen=True)` gives the VM a `listen = "127.0.0.1:PORT"`, and the agent's
+  nbdkit serves the same exports on that TCP port as on its Unix socket (socket activation).
 """
 from __future__ import annotations
 
@@ -22,31 +22,20 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from agentproc import PYTHON, ROOT, AgentPool, AgentProcess, free_tcp_port
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from agent import attach as attach_mod  # noqa: E402
-from agent import lab  # noqa: E402
-from agent.jsonlines import JsonLinesClient, RemoteError  # noqa: E402
-from agent.supervisor import process_start_time  # noqa: E402
+from agent import attach as attach_mod
+from agent import lab
 
 MiB = 1024 * 1024
-PYTHON = sys.executable
-READY_S = 20.0
 
 
 # ---- host features ------------------------------------------------------------------------
@@ -103,112 +92,45 @@ def dump_tree(image: Path, inside: str, out: Path) -> Path:
 # ---- the agent ----------------------------------------------------------------------------
 
 @dataclass
-class KernelAgent:
+class KernelAgent(AgentProcess):
     """An agent serving one VM (`vm1`) whose disks are the given images."""
-    root: Path
-    state: Path
-    config: Path
-    disks: dict[str, Path]
-    proc: subprocess.Popen[bytes] | None = None
-    log: Path | None = None
 
     @property
-    def socket(self) -> Path:
-        return self.state / "agent.sock"
-
-    @property
-    def nbd_socket(self) -> Path:
-        return self.state / "vm1.nbd"
-
-    def uri(self, disk: str) -> str:
-        return f"nbd+unix:///{disk}?socket={self.nbd_socket}"
-
-    def start(self) -> None:
-        self.log = self.root / "agent.log"
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([PYTHON, "-m", "agent.cli", "agent", "--config", str(self.config)],
-                                         cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + READY_S
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log_text()}")
-            with contextlib.suppress(OSError, ValueError, RemoteError):
-                if self.call("status")["vms"][0].get("nbdkit_up", True) and self.nbd_socket.exists():
-                    return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"agent did not serve vm1 within {READY_S} s:\n{self.log_text()}")
-            time.sleep(0.05)
-
-    def call(self, op: str, **args: object) -> dict:
-        with JsonLinesClient(str(self.socket), timeout=60) as c:
-            return c.call(op, **args)
-
-    def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([PYTHON, "-m", "agent.cli", "--agent-socket", str(self.socket), *args],
-                              cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    def port(self) -> int:
+        """The TCP port of the VM's `listen` address (the guest's nbd://10.0.2.2:PORT)."""
+        assert self.listen, "this agent was made without listen=True"
+        return int(self.listen.rpartition(":")[2])
 
     def migrate(self, dest: Path, *options: str) -> dict:
         """`svmotion migrate vm1 --dest DEST ... --json`; returns the record (asserts exit 0)."""
-        done = self.cli("migrate", "vm1", "--dest", str(dest), "--json", *options)
+        done = self.cli("migrate", self.name, "--dest", str(dest), "--json", *options, timeout=180)
         assert done.returncode == 0, f"migrate exited {done.returncode}: {done.stderr}\n{self.log_text()}"
         record = json.loads(done.stdout)
         assert record["state"] == "success", record
         return record
 
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:] if self.log and self.log.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                self.call("shutdown", stop_vms=True)
-                self.proc.wait(timeout=20)
-            except (OSError, ValueError, RemoteError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        stop_recorded_nbdkit(self.state / "vm1.pid")
-
-
-def stop_recorded_nbdkit(pid_file: Path) -> None:
-    """Stop the nbdkit a pid file names, if that very process (same start time) still runs."""
-    try:
-        rec = json.loads(pid_file.read_text())
-        pid, start = int(rec["pid"]), int(rec["start_time"])
-    except (OSError, ValueError, KeyError):
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if process_start_time(pid) != start:
-            return
-        os.kill(pid, sig)
-        deadline = time.monotonic() + 5
-        while process_start_time(pid) == start and time.monotonic() < deadline:
-            time.sleep(0.05)
-
 
 @pytest.fixture
 def kernel_agent(tmp_path: Path) -> Iterator[Callable[..., KernelAgent]]:
-    """Factory: `kernel_agent({"disk0": image})` -> a started agent serving vm1; stopped after."""
-    made: list[KernelAgent] = []
+    """Factory: `kernel_agent({"disk0": image}, listen=False)` -> a started agent serving vm1; stopped after.
 
-    def make(disks: dict[str, Path]) -> KernelAgent:
-        state = Path(tempfile.mkdtemp(prefix="svk-", dir="/tmp"))   # Unix socket paths must be short
-        config = tmp_path / "agent.toml"
-        lines = ["[agent]", f'socket = "{state}/agent.sock"', f'state_dir = "{state}"', 'metrics = ""', "",
-                 "[[vm]]", 'name = "vm1"', f'socket = "{state}/vm1.nbd"']
-        for name, path in disks.items():
-            lines += ["", "  [[vm.disk]]", f'  name = "{name}"', f'  path = "{path}"']
-        config.write_text("\n".join(lines) + "\n")
-        agent = KernelAgent(tmp_path, state, config, dict(disks))
-        made.append(agent)
-        agent.start()
+    With `listen=True` the VM also serves NBD on a free loopback TCP port (`agent.port`).
+    """
+    pool = AgentPool()
+
+    def make(disks: dict[str, Path], *, listen: bool = False) -> KernelAgent:
+        agent = KernelAgent(root=tmp_path, state=pool.state_dir("svk-"), disks=dict(disks),
+                            config=tmp_path / f"agent{len(pool.agents)}.toml", metrics="",
+                            listen=f"127.0.0.1:{free_tcp_port()}" if listen else None)
+        agent.write_config()
+        pool.add(agent)
+        agent.start(wait_nbdkit=True)
         return agent
 
     try:
         yield make
     finally:
-        for agent in reversed(made):
-            agent.stop()
-            shutil.rmtree(agent.state, ignore_errors=True)
+        pool.close()
 
 
 # ---- attachments and mounts ---------------------------------------------------------------
@@ -310,69 +232,6 @@ def guests(tmp_path: Path) -> Iterator[Callable[..., lab.Guest]]:
     finally:
         for guest in made:
             guest.stop()
-
-
-class TcpRelay:
-    """Forwards connections on 127.0.0.1:<port> to a Unix socket, byte for byte."""
-
-    def __init__(self, unix_path: str):
-        self.unix_path = unix_path
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(4)
-        self.port = self.listener.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                server.connect(self.unix_path)
-            except OSError:
-                client.close()
-                server.close()
-                continue
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.conns += [client, server]
-            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-        except OSError:
-            pass
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.listener.close()
-        for conn in self.conns:
-            with contextlib.suppress(OSError):
-                conn.close()
-
-
-@pytest.fixture
-def tcp_relay() -> Iterator[Callable[[str], TcpRelay]]:
-    relays: list[TcpRelay] = []
-
-    def make(unix_path: str) -> TcpRelay:
-        relays.append(TcpRelay(unix_path))
-        return relays[-1]
-
-    try:
-        yield make
-    finally:
-        for relay in relays:
-            relay.close()
 
 
 _THIS_MODULE = sys.modules[__name__]

@@ -3,12 +3,13 @@
 Issue 5, item 3. This host's kernel has no nbd module, but the lab guest's (Debian's) has. The
 guest boots with pyroot.img (Debian's Python + python3-pyroute2 + python3-click) and runs
 guest/netlink_job.py: the project's own `agent.cli_attach attach` connects /dev/nbdX through the
-`nbd` generic netlink family to the agent's nbdkit on the host (QEMU user network -> a TCP relay
--> the VM's Unix socket), O_DIRECT writes of known blocks go through it in rounds while the host
-runs `svmotion migrate`. Then nbdkit is killed (SIGKILL, by PID): the agent restarts it, the
-kernel holds the guest's IO on the dead connection, and `attach` run again hands the kernel a
-fresh socket (NBD_CMD_RECONFIGURE), so the writes resume without an error. Finally the guest
-reads everything back and detaches (twice: idempotent).
+`nbd` generic netlink family to the agent's nbdkit on the host (QEMU user network -> the VM's
+TCP `listen` address, which the same nbdkit serves as its Unix socket), O_DIRECT writes of
+known blocks go through it in rounds while the host runs `svmotion migrate`. Then nbdkit is
+killed (SIGKILL, by PID): the agent restarts it, the kernel holds the guest's IO on the dead
+connection, and `attach` run again hands the kernel a fresh socket (NBD_CMD_RECONFIGURE), so
+the writes resume without an error. Finally the guest reads everything back and detaches
+(twice: idempotent).
 The host checks the destination image holds exactly the source plus the guest's last writes.
 """
 from __future__ import annotations
@@ -58,14 +59,13 @@ def last_round(lines: list[str]) -> int:
     return max((int(m.group(1)) for line in lines if (m := re.match(r"^ROUND (\d+)$", line))), default=0)
 
 
-def test_netlink_attach_in_guest_while_the_export_migrates(tmp_path: Path, kernel_agent, guests, tcp_relay,
+def test_netlink_attach_in_guest_while_the_export_migrates(tmp_path: Path, kernel_agent, guests,
                                                            lab_images_python) -> None:
     job_mod = guest_job_module()
     size = 32 * MiB
     expected = bytearray(make_source(tmp_path / "disk0.raw", size))
-    agent = kernel_agent({"disk0": tmp_path / "disk0.raw"})
-    relay = tcp_relay(str(agent.nbd_socket))
-    uri = f"nbd://10.0.2.2:{relay.port}/disk0"
+    agent = kernel_agent({"disk0": tmp_path / "disk0.raw"}, listen=True)
+    uri = f"nbd://10.0.2.2:{agent.port}/disk0"
     config = {"vm": "vm1", "disk": "disk0", "uri": uri, "slots": size // job_mod.BLOCK, "per_round": 4,
               "seed": SEED, "min_rounds": 3, "pause": 0.05}
     job = {"run.sh": (GUEST_DIR / "netlink_run.sh").read_text(),
