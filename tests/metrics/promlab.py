@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from agentproc import free_tcp_port
 
 REPO = Path(__file__).resolve().parents[2]
 GRAFANA = REPO / "grafana"
@@ -60,12 +60,6 @@ def need(tool: str) -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Prometheus:
     """A real Prometheus server on loopback, queried through its HTTP API."""
 
@@ -99,7 +93,7 @@ def prometheus_running(workdir: Path, target: str) -> Iterator[Prometheus]:
     """A real Prometheus scraping host:port every second, rules loaded; killed by its PID."""
     binary = need("prometheus")
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = free_tcp_port()
     conf = workdir / "prometheus.yml"
     shutil.copy(GRAFANA / "svmotion.rules.yml", workdir / "svmotion.rules.yml")
     conf.write_text(

@@ -5,30 +5,27 @@ needs live data: promtool on the exposition taken mid-migration, the stun histog
 dirty-bytes series and the VM's phase read back through Prometheus' HTTP API, every dashboard
 and rule selector against the agent's own scrape, and the PNG report of the `--report` file.
 
-Processes: the agent and Prometheus are started here and stopped by PID; the agent is asked
-to `shutdown` with stop_vms so it stops its nbdkit, and that nbdkit's PID (from `status`) is
-killed as a last resort if it survives.
+Processes: the agent (tests/agentproc.py, shared with the agent and kernel tests) and
+Prometheus are started here and stopped by PID; the agent is asked to `shutdown` with stop_vms
+so it stops its nbdkit, and the nbdkit its pid file names is stopped by PID (if that very
+process still runs) as a last resort.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import pytest
-from promlab import (REPO, Prometheus, fetch, free_port, need, prometheus_running)
+from agentproc import AgentPool, AgentProcess, cli_argv, free_tcp_port
+from promlab import REPO, Prometheus, fetch, need, prometheus_running
 from test_dashboard import missing_selectors
 from test_report import check_png
 
-from agent.jsonlines import JsonLinesClient
 from agent.writer import PATTERN, VerifyingWriter, fill_pattern_image
 
 pytestmark = pytest.mark.slow
@@ -44,16 +41,12 @@ class LiveMigration:
     metrics_url: str
     record: dict
     report_path: Path
-    api_sock: Path
+    agent: AgentProcess
     mid_exposition: str = ""
     phases_seen_live: set[str] = field(default_factory=set)
     started: float = 0.0
     ended: float = 0.0
     writer_errors: list[str] = field(default_factory=list)
-
-
-def svmotion(*args: str, sock: Path) -> list[str]:
-    return [sys.executable, "-m", "agent.cli", "--agent-socket", str(sock), *args]
 
 
 def wait_ok(what: str, check, timeout: float, proc: subprocess.Popen | None = None,
@@ -71,86 +64,47 @@ def wait_ok(what: str, check, timeout: float, proc: subprocess.Popen | None = No
         time.sleep(0.1)
 
 
-def stop_agent(proc: subprocess.Popen, api_sock: Path, nbdkit_pids: list[int]) -> None:
-    try:
-        with JsonLinesClient(str(api_sock), timeout=10) as c:
-            c.call("shutdown", stop_vms=True)
-    except Exception:
-        pass
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for pid in nbdkit_pids:  # only the nbdkit this agent reported, and only if still ours
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"nbdkit" in cmdline and str(api_sock.parent).encode() in cmdline:
-            os.kill(pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
-def live(tmp_path_factory) -> LiveMigration:
+def live(tmp_path_factory) -> Iterator[LiveMigration]:
     need("nbdkit")
     tmp = tmp_path_factory.mktemp("live")
-    sock_dir = Path(tempfile.mkdtemp(prefix="svm3-", dir="/tmp"))  # sun_path is 107 bytes
-    src, dest, state = tmp / "src", tmp / "dest", tmp / "state"
-    for d in (src, dest, state):
+    src, dest = tmp / "src", tmp / "dest"
+    for d in (src, dest):
         d.mkdir()
     fill_pattern_image(src / "disk0.raw", "disk0", DISK_SIZE)
-    metrics_addr = f"127.0.0.1:{free_port()}"
-    api_sock = sock_dir / "agent.sock"
-    config = tmp / "agent.toml"
-    config.write_text(
-        f'[agent]\nsocket = "{api_sock}"\nstate_dir = "{state}"\nmetrics = "{metrics_addr}"\n\n'
-        f'[[vm]]\nname = "vm1"\nsocket = "{sock_dir / "vm1.nbd"}"\n\n'
-        f'  [[vm.disk]]\n  name = "disk0"\n  path = "{src / "disk0.raw"}"\n')
-    agent_log = tmp / "agent.log"
-    with open(agent_log, "wb") as log:
-        agent = subprocess.Popen(svmotion("agent", "--config", str(config), sock=api_sock),
-                                 cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
-                                 stderr=subprocess.STDOUT)
-    nbdkit_pids: list[int] = []
-    metrics_url = f"http://{metrics_addr}/metrics"
+    pool = AgentPool()
     try:
+        agent = AgentProcess(root=tmp, state=pool.state_dir("svm3-"), disks={"disk0": src / "disk0.raw"},
+                             metrics=f"127.0.0.1:{free_tcp_port()}")
+        agent.write_config()
+        pool.add(agent)
+        agent.start(wait_nbdkit=True)
+        metrics_url = f"http://{agent.metrics}/metrics"
         wait_ok("the agent's /metrics", lambda: "svmotion_agent_up" in fetch(metrics_url, 1),
-                30, agent, agent_log)
-        with JsonLinesClient(str(api_sock), timeout=10) as c:
-            vms = c.call("status")["vms"]
-        nbdkit_pids = [vm["nbdkit_pid"] for vm in vms if vm.get("nbdkit_pid")]
-        with prometheus_running(tmp / "prometheus", metrics_addr) as prom:
+                30, agent.proc, agent.log)
+        with prometheus_running(tmp / "prometheus", agent.metrics) as prom:
             prom.wait_for('up{job="svmotion"} == 1', lambda r: len(r) == 1)
-            run = LiveMigration(prom, metrics_url, {}, tmp / "vm1.report.json", api_sock)
-            migrate_under_load(run, sock_dir, api_sock, dest, agent_log)
+            run = LiveMigration(prom, metrics_url, {}, tmp / "vm1.report.json", agent)
+            migrate_under_load(run, dest)
             # one more scrape after the end, so Prometheus holds the final counters
             prom.wait_for('sum(svmotion_migrations_total{vm="vm1",result="success"})',
                           lambda r: bool(r) and float(r[0]["value"][1]) == 1)
             yield run
     finally:
-        stop_agent(agent, api_sock, nbdkit_pids)
-        shutil.rmtree(sock_dir, ignore_errors=True)
+        pool.close()
 
 
-def migrate_under_load(run: LiveMigration, sock_dir: Path, api_sock: Path, dest: Path,
-                       agent_log: Path) -> None:
+def migrate_under_load(run: LiveMigration, dest: Path) -> None:
     """Migrate vm1 under the writer, watching Prometheus and /metrics while it runs."""
-    writer = VerifyingWriter({"disk0": f"nbd+unix:///disk0?socket={sock_dir / 'vm1.nbd'}"},
+    writer = VerifyingWriter({"disk0": run.agent.uri("disk0")},
                              initial={"disk0": PATTERN}, connections=2, queue_depth=4,
                              rate=WRITER_RATE, seed=3)
     writer.start()
     try:
         time.sleep(1.0)  # guest IO before the migration, as in life
         run.started = time.time()
-        migrate = subprocess.Popen(
-            svmotion("migrate", "vm1", "--dest", str(dest), "--rate", COPY_RATE,
-                     "--report", str(run.report_path), "--json", sock=api_sock),
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        migrate = run.agent.cli_background("migrate", "vm1", "--dest", str(dest), "--rate", COPY_RATE,
+                                           "--report", str(run.report_path), "--json")
         while migrate.poll() is None:
             for result in run.prom.query('svmotion_migration_phase{vm="vm1"} == 1'):
                 run.phases_seen_live.add(result["metric"]["phase"])
@@ -161,8 +115,7 @@ def migrate_under_load(run: LiveMigration, sock_dir: Path, api_sock: Path, dest:
             time.sleep(0.3)
         out, err = migrate.communicate()
         run.ended = time.time()
-        assert migrate.returncode == 0, (f"migrate exited {migrate.returncode}: {err}\n"
-                                         + agent_log.read_text(errors="replace")[-3000:])
+        assert migrate.returncode == 0, f"migrate exited {migrate.returncode}: {err}\n{run.agent.log_text()}"
     finally:
         report = writer.stop()
     run.writer_errors = list(report.errors)
@@ -230,9 +183,8 @@ def test_no_alert_fires_after_a_good_migration(live):
 
 def test_png_report_of_the_real_migration(live, tmp_path):
     out = tmp_path / "vm1.png"
-    result = subprocess.run(svmotion("report", str(live.report_path), "--png", str(out),
-                                     sock=tmp_path / "unused.sock"),
-                            cwd=REPO, capture_output=True, text=True)
+    argv = cli_argv(tmp_path / "unused.sock", "report", str(live.report_path), "--png", str(out))
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "stun switchover" in result.stdout
     check_png(out)
@@ -243,9 +195,8 @@ def test_a_legacy_migration_is_told_apart_by_strategy(live, tmp_path):
     # strategy, and Prometheus keeps the two strategies' stuns apart.
     dest = tmp_path / "dest2"
     dest.mkdir()
-    result = subprocess.run(svmotion("migrate", "vm1", "--dest", str(dest), "--stun-strategy",
-                                     "legacy", "--json", sock=live.api_sock),
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = live.agent.cli("migrate", "vm1", "--dest", str(dest), "--stun-strategy", "legacy", "--json",
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     expr = 'sum by (kind, strategy) (svmotion_stun_duration_seconds_count{vm="vm1"})'
     want = {("mirror_install", "optimized"): 1.0, ("switchover", "optimized"): 1.0,
