@@ -16,6 +16,7 @@ import re
 import threading
 
 _NONZERO = re.compile(rb"[^\x00]")
+_NOTFULL = re.compile(rb"[^\xff]")
 
 
 class DirtyMap:
@@ -32,10 +33,16 @@ class DirtyMap:
         self.shift = granularity.bit_length() - 1
         self.chunks = (size + granularity - 1) >> self.shift
         self._lock = threading.Lock()
-        self._bits = bytearray((self.chunks + 7) // 8)
-        self._count = 0
+        nbytes = (self.chunks + 7) // 8
         if all_dirty and self.chunks:
-            self._set(0, self.chunks - 1, True)
+            # Built whole rather than through _set: this runs under the mirror-install stun.
+            self._bits = bytearray(b"\xff") * nbytes
+            if self.chunks & 7:
+                self._bits[-1] = (1 << (self.chunks & 7)) - 1
+            self._count = self.chunks
+        else:
+            self._bits = bytearray(nbytes)
+            self._count = 0
 
     def chunk_range(self, offset: int, count: int) -> tuple[int, int]:
         """The first and last chunk touched by a byte range (count > 0)."""
@@ -77,10 +84,18 @@ class DirtyMap:
 
     def dirty_run_end(self, first: int, limit: int) -> int:
         """The last chunk of the run of dirty chunks starting at first, at most limit."""
-        last = first
-        while last < limit and self.is_dirty(last + 1):
-            last += 1
-        return last
+        with self._lock:
+            pos = first
+            while pos <= limit:
+                if not self.is_dirty(pos):
+                    return pos - 1
+                pos += 1
+                if pos & 7 == 0:  # byte-aligned: skip whole dirty bytes in C
+                    found = _NOTFULL.search(self._bits, pos >> 3, (limit >> 3) + 1)
+                    if found is None:
+                        return limit
+                    pos = max(pos, found.start() << 3)
+            return limit
 
     def dirty_count(self) -> int:
         return self._count

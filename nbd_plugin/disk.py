@@ -58,7 +58,7 @@ class Disk:
             self._source("pwrite", source_op)
         else:
             self._source("pwrite", lambda: mirror.update(
-                "pwrite", source_op, lambda: mirror.dest.pwrite(buf, offset, fua), offset, len(buf)))
+                "pwrite", source_op, lambda: mirror.dest.pwrite(buf, offset, fua), offset, len(buf), fua))
         self.stats.guest_write(len(buf), time.monotonic() - start)
 
     def zero(self, count: int, offset: int, may_trim: bool, fast: bool, fua: bool) -> None:
@@ -69,7 +69,7 @@ class Disk:
         else:
             self._source("zero", lambda: mirror.update(
                 "zero", source_op, lambda: mirror.dest.zero(count, offset, may_trim, False, fua),
-                offset, count))
+                offset, count, fua))
 
     def trim(self, count: int, offset: int, fua: bool) -> None:
         primary, mirror = self._open(), self.mirror
@@ -78,7 +78,7 @@ class Disk:
             self._source("trim", source_op)
         else:
             self._source("trim", lambda: mirror.update(
-                "trim", source_op, lambda: mirror.dest.trim(count, offset, fua), offset, count))
+                "trim", source_op, lambda: mirror.dest.trim(count, offset, fua), offset, count, fua))
 
     def flush(self) -> None:
         primary, mirror = self._open(), self.mirror

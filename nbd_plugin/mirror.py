@@ -2,9 +2,13 @@
 
 Design notes
 - Two modes. `sync` (the default): a guest update (write, zero, trim) to chunks the destination
-  already has goes to both sides before the ack, issued in parallel so the latency is the larger
-  of the two, not their sum; an update to chunks not yet copied goes to the source only and the
-  copier carries it. `dirty` (the older dirty-block-tracking way): updates go to the source only
+  already has goes to both sides before the ack; an update to chunks not yet copied goes to the
+  source only and the copier carries it.
+- Parallel or inline. A slow update (FUA, which waits for storage, or a large one) is issued to
+  both sides at once, so its latency is the larger of the two, not their sum. A small buffered
+  write lands in page cache in microseconds, less than handing it to a pool thread costs (a
+  futex wake, a GIL hand-over, two context switches): measured under max-rate 4 KiB writes, the
+  hand-off cut the guest's rate while mirroring by a third. Those go inline, source first. `dirty` (the older dirty-block-tracking way): updates go to the source only
   and mark their chunks dirty; copy passes carry them.
 - The active path (sync mode), step by step, as in QEMU's mirror:
     prepare  take the chunk range in ChunkLocks, so no copier run or other update overlaps it;
@@ -13,8 +17,8 @@ Design notes
              error is the guest's error;
     target   the same update on the destination, in a pool thread, at the same time;
     settle   a destination error never reaches the guest: the range is marked dirty, the error
-             counted, and the copier retries it. A source error after a destination success
-             also marks the range dirty (the destination may hold data the source lacks).
+             counted, and the copier retries it. A source error marks the range dirty too (the
+             two sides may now differ) and is the guest's error.
 - Why `dirty` mode needs no chunk locks: the copier clears a chunk's bit *before* it reads the
   source, and an update marks its bit *after* its source write completes. Whatever the
   interleaving, an update the copier may have missed leaves its bit set for the next pass.
@@ -33,6 +37,7 @@ from .dirtymap import DirtyMap
 from .stats import DiskStats
 
 MODES = ("sync", "dirty")
+PARALLEL_MIN_BYTES = 256 << 10
 
 Op = Callable[[], None]
 
@@ -51,7 +56,7 @@ class Mirror:
         self._pool = pool
         self._stats = stats
 
-    def update(self, op: str, source_op: Op, dest_op: Op, offset: int, count: int) -> None:
+    def update(self, op: str, source_op: Op, dest_op: Op, offset: int, count: int, fua: bool) -> None:
         """Apply one guest update (pwrite, zero, trim) through the mirror."""
         if self.mode == "dirty":
             source_op()
@@ -63,15 +68,35 @@ class Mirror:
                 self._mark_dirty(offset, count)
                 source_op()
                 return
-            target = self._pool.submit(dest_op)
-            try:
-                source_op()
-            except BaseException:
-                self._settle(op, target, count)
-                self._mark_dirty(offset, count)
-                raise
-            if not self._settle(op, target, count):
-                self._mark_dirty(offset, count)
+            if fua or count >= PARALLEL_MIN_BYTES:
+                self._both_parallel(op, source_op, dest_op, offset, count)
+            else:
+                self._both_inline(op, source_op, dest_op, offset, count)
+
+    def _both_parallel(self, op: str, source_op: Op, dest_op: Op, offset: int, count: int) -> None:
+        target = self._pool.submit(dest_op)
+        try:
+            source_op()
+        except BaseException:
+            self._settle(op, target, count)
+            self._mark_dirty(offset, count)
+            raise
+        if not self._settle(op, target, count):
+            self._mark_dirty(offset, count)
+
+    def _both_inline(self, op: str, source_op: Op, dest_op: Op, offset: int, count: int) -> None:
+        try:
+            source_op()
+        except BaseException:
+            self._mark_dirty(offset, count)
+            raise
+        try:
+            dest_op()
+        except OSError:
+            self._stats.error("dest", op)
+            self._mark_dirty(offset, count)
+            return
+        self._stats.dest_written(count)
 
     def flush(self, source_flush: Op) -> None:
         """Flush both sides in parallel; only the source's error reaches the guest."""
