@@ -25,16 +25,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .backend import FileBackend, copy_range, start_writeback, wait_writeback
+from .backend import FileBackend, copy_range
 from .mirror import Mirror
 from .stats import DiskStats
 
 DATA_RUN_BYTES = 1 << 20
 MAX_CONSECUTIVE_ERRORS = 8
-# Writeback of copied data is started after every run and waited for every WRITEBACK_WINDOW, so
-# the destination never holds much dirty page cache: flush_dest before the switchover stun then
-# has little to write, and mirrored guest writes do not stall behind a whole-disk fdatasync.
-WRITEBACK_WINDOW = 16 << 20
 
 
 class DeadlineExceeded(Exception):
@@ -102,7 +98,6 @@ def copy_pass(source: FileBackend, mirror: Mirror, stats: DiskStats, progress: P
     """
     failures = 0
     first_error: str | None = None
-    writeback = Writeback(mirror.dest)
     chunk = mirror.map.next_dirty(0) if mirror.map.dirty_count() else None
     while chunk is not None and not should_stop():
         if deadline is not None and time.monotonic() > deadline:
@@ -122,39 +117,12 @@ def copy_pass(source: FileBackend, mirror: Mirror, stats: DiskStats, progress: P
         failures = 0
         progress.done_bytes += copied
         stats.copied(progress.kind, copied)
-        if copied:
-            writeback.copied(chunk << mirror.map.shift, mirror.map.chunk_bytes(chunk, last))
         if rate:
             ahead = progress.done_bytes / rate - (time.monotonic() - progress.started)
             if ahead > 0:
                 time.sleep(min(ahead, 0.5))
         chunk = mirror.map.next_dirty(last + 1)
     progress.error = first_error
-
-
-class Writeback:
-    """Keeps the copier's destination writes flowing to storage instead of piling up in page cache.
-
-    Best effort: a writeback error is not an error of the copy (the data is in page cache, and
-    flush_dest reports a real failure before the switchover).
-    """
-
-    def __init__(self, dest: FileBackend):
-        self._dest = dest
-        self._window_start: int | None = None
-        self._pending = 0
-
-    def copied(self, offset: int, count: int) -> None:
-        try:
-            start_writeback(self._dest.fd, offset, count)
-            if self._window_start is None:
-                self._window_start = offset
-            self._pending += count
-            if self._pending >= WRITEBACK_WINDOW:
-                wait_writeback(self._dest.fd, self._window_start, offset + count - self._window_start)
-                self._window_start, self._pending = None, 0
-        except OSError:
-            pass
 
 
 class CopyJob:

@@ -26,11 +26,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from .backend import write_back_in_slices
 from .control import Connection, RequestError
 from .copier import DeadlineExceeded, PassProgress, copy_pass
 from .disk import CLOSED, MIRRORING, PASSTHROUGH, SWITCHED, Disk
 from .gate import DrainTimeout, StunGate
 from .mirror import MODES
+from .writeback import DestinationWriteback
 
 PROTOCOL_VERSION = 1
 STUN_KINDS = ("mirror_install", "switchover", "abort", "other")
@@ -73,6 +75,7 @@ class VM:
         self._stun: Stun | None = None
         self._stun_ids = itertools.count(1)
         self.stuns: deque[StunRecord] = deque(maxlen=64)
+        self.writeback = DestinationWriteback(lambda: list(self.disks.values()))
 
     # --- the control protocol: one method per op ----------------------------------------------
 
@@ -174,6 +177,7 @@ class VM:
             if mirror is None:
                 continue
             try:
+                write_back_in_slices(mirror.dest.fd, mirror.dest.size)
                 mirror.dest.flush()
             except OSError as err:
                 disk.stats.error("dest", "flush")
@@ -352,6 +356,7 @@ class VM:
         return method(req, conn)
 
     def close(self) -> None:
+        self.writeback.stop()
         for disk in self.disks.values():
             disk.close()
         self.pool.shutdown(wait=False)
