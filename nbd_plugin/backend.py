@@ -43,17 +43,6 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def start_writeback(fd: int) -> None:
-    """Ask the kernel to start writing a file's dirty pages, without waiting (not durability).
-
-    sync_file_range(2) with offset 0 and length 0 covers the whole file; ctypes releases the GIL
-    for the call, which may block while the device's request queue is full.
-    """
-    if _libc.sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 def write_back_in_slices(fd: int, size: int) -> None:
     """Write a file's dirty pages to storage slice by slice, waiting for each (data only, no flush).
 

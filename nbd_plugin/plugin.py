@@ -69,7 +69,6 @@ def after_fork() -> None:
     global _server
     _server = ControlServer(_config["control"], _vm.handle, on_close=_vm.connection_closed)
     _server.start()
-    _vm.writeback.start()
 
 
 def cleanup() -> None:

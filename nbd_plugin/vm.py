@@ -32,7 +32,6 @@ from .copier import DeadlineExceeded, PassProgress, copy_pass
 from .disk import CLOSED, MIRRORING, PASSTHROUGH, SWITCHED, Disk
 from .gate import DrainTimeout, StunGate
 from .mirror import MODES
-from .writeback import DestinationWriteback
 
 PROTOCOL_VERSION = 1
 STUN_KINDS = ("mirror_install", "switchover", "abort", "other")
@@ -75,7 +74,6 @@ class VM:
         self._stun: Stun | None = None
         self._stun_ids = itertools.count(1)
         self.stuns: deque[StunRecord] = deque(maxlen=64)
-        self.writeback = DestinationWriteback(lambda: list(self.disks.values()))
 
     # --- the control protocol: one method per op ----------------------------------------------
 
@@ -356,7 +354,6 @@ class VM:
         return method(req, conn)
 
     def close(self) -> None:
-        self.writeback.stop()
         for disk in self.disks.values():
             disk.close()
         self.pool.shutdown(wait=False)
