@@ -31,6 +31,8 @@ from .stats import DiskStats
 
 PASSTHROUGH, MIRRORING, SWITCHED, CLOSED = "passthrough", "mirroring", "switched", "closed"
 
+SideOp = Callable[[FileBackend], None]   # one guest update applied to one side
+
 
 class Disk:
     """A disk served as one named export."""
@@ -52,33 +54,28 @@ class Disk:
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
         start = time.monotonic()
-        primary, mirror = self._open(), self.mirror
-        source_op = lambda: primary.pwrite(buf, offset, fua)
-        if mirror is None:
-            self._source("pwrite", source_op)
-        else:
-            self._source("pwrite", lambda: mirror.update(
-                "pwrite", source_op, lambda: mirror.dest.pwrite(buf, offset, fua), offset, len(buf), fua))
+        write = lambda side: side.pwrite(buf, offset, fua)
+        self._update("pwrite", write, write, offset, len(buf), fua)
         self.stats.guest_write(len(buf), time.monotonic() - start)
 
     def zero(self, count: int, offset: int, may_trim: bool, fast: bool, fua: bool) -> None:
-        primary, mirror = self._open(), self.mirror
-        source_op = lambda: primary.zero(count, offset, may_trim, fast, fua)
-        if mirror is None:
-            self._source("zero", source_op)
-        else:
-            self._source("zero", lambda: mirror.update(
-                "zero", source_op, lambda: mirror.dest.zero(count, offset, may_trim, False, fua),
-                offset, count, fua))
+        # Fast-zero is the guest's question about the source; the destination just has to zero.
+        self._update("zero", lambda side: side.zero(count, offset, may_trim, fast, fua),
+                     lambda side: side.zero(count, offset, may_trim, False, fua), offset, count, fua)
 
     def trim(self, count: int, offset: int, fua: bool) -> None:
+        punch = lambda side: side.trim(count, offset, fua)
+        self._update("trim", punch, punch, offset, count, fua)
+
+    def _update(self, op: str, on_source: SideOp, on_dest: SideOp, offset: int, count: int,
+                fua: bool) -> None:
+        """Route one guest update: to the source alone, or through the mirror while MIRRORING."""
         primary, mirror = self._open(), self.mirror
-        source_op = lambda: primary.trim(count, offset, fua)
         if mirror is None:
-            self._source("trim", source_op)
+            self._source(op, lambda: on_source(primary))
         else:
-            self._source("trim", lambda: mirror.update(
-                "trim", source_op, lambda: mirror.dest.trim(count, offset, fua), offset, count, fua))
+            self._source(op, lambda: mirror.update(op, lambda: on_source(primary),
+                                                   lambda: on_dest(mirror.dest), offset, count, fua))
 
     def flush(self) -> None:
         primary, mirror = self._open(), self.mirror
