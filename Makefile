@@ -3,7 +3,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 DEB_PKGS := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbdfuse fuse3 \
             qemu-utils qemu-system-common qemu-system-x86 prometheus fio python3-venv \
-            e2fsprogs util-linux iproute2 kmod
+            e2fsprogs util-linux iproute2 kmod strace
 PYTEST_ARGS ?=
 
 .PHONY: setup deps venv demo test bench clean

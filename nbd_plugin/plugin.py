@@ -16,6 +16,7 @@ import errno
 import nbdkit
 
 from nbd_plugin.control import ControlServer
+from nbd_plugin.threadstate import PinnedThreadStates
 from nbd_plugin.vm import VM
 
 API_VERSION = 2
@@ -23,6 +24,7 @@ API_VERSION = 2
 _config: dict = {"vm": None, "disks": [], "control": None, "lease": 2.0}
 _vm: VM | None = None
 _server: ControlServer | None = None
+_threads = PinnedThreadStates()
 
 
 class ConfigError(Exception):
@@ -104,6 +106,11 @@ def open(readonly: bool) -> Handle:
     return Handle(disk)
 
 
+def close(h: Handle) -> None:
+    # This connection's worker threads are ending; their pinned Python thread states can go.
+    _threads.reap()
+
+
 def get_size(h: Handle) -> int:
     return h.disk.size
 
@@ -174,6 +181,7 @@ def extents(h: Handle, count: int, offset: int, flags: int) -> list[tuple[int, i
 
 def _call(op, *args):
     """Run one disk op inside the stun gate; give nbdkit the source's errno."""
+    _threads.pin()
     gate = _vm.gate
     gate.enter()
     try:
