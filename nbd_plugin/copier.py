@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from .backend import FileBackend, copy_range
 from .mirror import Mirror
+from .priority import lower_this_thread
 from .stats import DiskStats
 
 DATA_RUN_BYTES = 1 << 20
@@ -142,6 +143,7 @@ class CopyJob:
         self._thread.start()
 
     def _run(self) -> None:
+        lower_this_thread()  # the guest's requests come first (priority.py)
         try:
             copy_pass(*self._args, self.progress, self._stop.is_set, rate=self._rate)
         except Exception as err:  # a bug must end the pass visibly, not silently

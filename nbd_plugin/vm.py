@@ -26,12 +26,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from .backend import write_back_in_slices
+from .backend import FileBackend, write_back_in_slices
 from .control import Connection, RequestError
 from .copier import DeadlineExceeded, PassProgress, copy_pass
 from .disk import CLOSED, MIRRORING, PASSTHROUGH, SWITCHED, Disk
 from .gate import DrainTimeout, StunGate
 from .mirror import MODES
+from .priority import run_in_background
 
 PROTOCOL_VERSION = 1
 STUN_KINDS = ("mirror_install", "switchover", "abort", "other")
@@ -175,8 +176,7 @@ class VM:
             if mirror is None:
                 continue
             try:
-                write_back_in_slices(mirror.dest.fd, mirror.dest.size)
-                mirror.dest.flush()
+                run_in_background(lambda: _write_back(mirror.dest), f"flush-dest-{disk.name}")
             except OSError as err:
                 disk.stats.error("dest", "flush")
                 raise RequestError(f"flush_dest: disk {disk.name}: {err.strerror}") from None
@@ -382,3 +382,9 @@ def _reason(err: BaseException) -> str:
     if isinstance(err, OSError) and err.strerror:
         return f"{err.filename or ''} {err.strerror}".strip()
     return str(err)
+
+
+def _write_back(dest: FileBackend) -> None:
+    """Make everything written to a destination durable, slice by slice (see write_back_in_slices)."""
+    write_back_in_slices(dest.fd, dest.size)
+    dest.flush()

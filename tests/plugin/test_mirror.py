@@ -732,3 +732,27 @@ def test_destination_write_errors_mark_chunks_dirty(vm_factory, tmp_path: Path, 
     ctl.call("abort")
     assert disk_status(ctl)["disk0"]["state"] == "passthrough"
     assert writer.verify_nbd("disk0", node.uri("disk0")) == []
+
+
+def thread_nice_values(pid: int) -> list[int]:
+    """The nice value of every thread of `pid` (field 19 of /proc/PID/task/TID/stat)."""
+    values = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        values.append(int(stat.rsplit(")", 1)[1].split()[16]))
+    return values
+
+
+def test_the_copier_runs_below_the_threads_that_serve_the_guest(vm2, tmp_path: Path) -> None:
+    ctl = vm2.client()
+    flow = Flow(ctl, vm2.disks, make_dests(tmp_path / "dest", vm2.disks), rate=1 * MiB)
+    flow.install()
+    assert sorted(set(thread_nice_values(vm2.proc.pid))) == [0], "nothing runs in the background yet"
+    ctl.call("copy", kind="bulk", rate=flow.rate)  # 16 MiB at 1 MiB/s: still copying below
+    nice = thread_nice_values(vm2.proc.pid)
+    assert nice.count(19) == len(vm2.disks), f"one copier per disk at nice 19: {nice}"
+    assert nice.count(0) >= 2, f"the main and control threads stay at nice 0: {nice}"
+    ctl.call("copy_cancel")
