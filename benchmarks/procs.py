@@ -132,7 +132,8 @@ def python_floor(image: str, sock: str, log_dir: str, threads: int = NBDKIT_THRE
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor_plugin.py")
     argv = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", sock,
             "--threads", str(threads), "python", script, f"file={image}"]
-    return Service("python-floor", argv, sock, log_dir)
+    return Service("python-floor", argv, sock, log_dir,
+                   env={"PYTHONPATH": str(nbd_plugin.plugin_pythonpath())})
 
 
 def mirror_node(vm: str, disks: Sequence[tuple[str, str]], sock: str, control: str,
