@@ -84,10 +84,11 @@ class FileBackend:
             done += n
 
     def pwrite(self, buf: memoryview | bytes, offset: int, fua: bool = False) -> None:
-        view = memoryview(buf)
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], offset + done)
+        done = os.pwrite(self.fd, buf, offset)
+        if done < len(buf):  # a short write (rare): go on from where it stopped
+            view = memoryview(buf)
+            while done < len(view):
+                done += os.pwrite(self.fd, view[done:], offset + done)
         if fua:
             os.fdatasync(self.fd)
 
