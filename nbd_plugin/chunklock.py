@@ -29,24 +29,41 @@ class ChunkLocks:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._held: list[tuple[int, int]] = []
+        self._waiting = 0  # threads in wait(): release() wakes them only if there are any
 
     def _overlaps(self, first: int, last: int) -> bool:
-        return any(f <= last and first <= l for f, l in self._held)
+        for f, l in self._held:
+            if f <= last and first <= l:
+                return True
+        return False
 
-    @contextmanager
-    def hold(self, first: int, last: int) -> Iterator[None]:
-        """Wait until no op holds any of chunks first..last, then hold them until the block exits."""
+    def acquire(self, first: int, last: int) -> tuple[int, int]:
+        """Wait until no op holds any of chunks first..last, then hold them; pass the result to release()."""
         entry = (first, last)
         with self._cond:
             while self._overlaps(first, last):
-                self._cond.wait()
+                self._waiting += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._waiting -= 1
             self._held.append(entry)
+        return entry
+
+    def release(self, entry: tuple[int, int]) -> None:
+        with self._cond:
+            self._held.remove(entry)
+            if self._waiting:
+                self._cond.notify_all()
+
+    @contextmanager
+    def hold(self, first: int, last: int) -> Iterator[None]:
+        """acquire() .. release() around a block (the copier's runs; the guest path calls them directly)."""
+        entry = self.acquire(first, last)
         try:
             yield
         finally:
-            with self._cond:
-                self._held.remove(entry)
-                self._cond.notify_all()
+            self.release(entry)
 
     def in_flight(self) -> int:
         with self._cond:

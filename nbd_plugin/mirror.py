@@ -63,15 +63,19 @@ class Mirror:
             self._mark_dirty(offset, count)
             return
         first, last = self.map.chunk_range(offset, count)
-        with self.locks.hold(first, last):
-            if self.map.any_dirty(first, last):
+        held = self.locks.acquire(first, last)
+        try:
+            # One chunk (most guest writes): a single bit, lock-free, which the held range keeps still.
+            dirty = self.map.is_dirty(first) if first == last else self.map.any_dirty(first, last)
+            if dirty:
                 self._mark_dirty(offset, count)
                 source_op()
-                return
-            if fua or count >= PARALLEL_MIN_BYTES:
+            elif fua or count >= PARALLEL_MIN_BYTES:
                 self._both_parallel(op, source_op, dest_op, offset, count)
             else:
                 self._both_inline(op, source_op, dest_op, offset, count)
+        finally:
+            self.locks.release(held)
 
     def _both_parallel(self, op: str, source_op: Op, dest_op: Op, offset: int, count: int) -> None:
         target = self._pool.submit(dest_op)

@@ -245,7 +245,10 @@ def test_live_migration_under_a_random_writer(vm_factory, tmp_path: Path, testli
 
 @pytest.mark.parametrize("mode", ["sync", "dirty"])
 def test_writes_racing_slow_copy_chunks_leave_no_stale_data(vm_factory, tmp_path: Path, mode: str) -> None:
-    """A rate-limited copier with small chunks while the writer hammers the region it copies."""
+    """A rate-limited copier with small chunks while the writer hammers the region it copies.
+
+    (A stress test: later writes can heal a stale block before the check, so it rarely catches a
+    broken chunk lock on its own; test_copy_race.py forces that interleaving deterministically.)"""
     node = vm_factory(1, size=8 * MiB)
     ctl = node.client()
     dests = make_dests(tmp_path / "dst", node.disks)
