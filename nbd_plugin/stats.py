@@ -3,8 +3,13 @@
 Design notes
 - Counters are cumulative for the life of the nbdkit process, so the agent can export them as
   Prometheus counters without keeping state of its own.
-- `+=` on a Python attribute is not atomic across threads, so this lock protects every counter,
-  the error table and the histogram. It is held for a few bytecodes per request.
+- `+=` on a Python attribute is not atomic across threads. The guest-write figures, counted on
+  every request by every worker thread, are sharded per thread instead of locked: each thread
+  adds to its own shard only, and `snapshot()` sums them. (A shared lock here was the largest
+  single item in the profile of max-rate 4 KiB writes, at 13% of the plugin's GIL time.)
+  A shard survives its thread; a new thread that gets a dead one's ident carries on with it.
+- The lock protects every other counter and the error table: those change per copied run, per
+  mirrored write or per error, not per guest request.
 """
 from __future__ import annotations
 
@@ -17,25 +22,35 @@ LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+class _WriteShard:
+    """One thread's share of a disk's guest-write figures; only that thread ever changes it."""
+
+    __slots__ = ("written_bytes", "latency_counts", "latency_sum")
+
+    def __init__(self) -> None:
+        self.written_bytes = 0
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+
+
 class DiskStats:
     """What happened on one disk: bytes by kind, errors by side and op, write latency."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.guest_written_bytes = 0
+        self._shards: dict[int, _WriteShard] = {}  # thread ident -> that thread's guest writes
         self.dirtied_bytes = 0
         self.dest_written_bytes = 0
         self.copied_bytes = {"bulk": 0, "dirty": 0}
         self.errors: dict[str, int] = {}
-        self._latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self._latency_sum = 0.0
 
     def guest_write(self, nbytes: int, seconds: float) -> None:
-        slot = bisect.bisect_left(LATENCY_BUCKETS, seconds)
-        with self._lock:
-            self.guest_written_bytes += nbytes
-            self._latency_counts[slot] += 1
-            self._latency_sum += seconds
+        shard = self._shards.get(threading.get_ident())
+        if shard is None:  # dict.setdefault is one atomic step under the GIL
+            shard = self._shards.setdefault(threading.get_ident(), _WriteShard())
+        shard.written_bytes += nbytes
+        shard.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        shard.latency_sum += seconds
 
     def dirtied(self, nbytes: int) -> None:
         with self._lock:
@@ -56,17 +71,20 @@ class DiskStats:
             self.errors[key] = self.errors.get(key, 0) + 1
 
     def snapshot(self) -> dict[str, Any]:
+        shards = list(self._shards.values())
+        counts = [sum(column) for column in zip(*(s.latency_counts for s in shards))] or \
+            [0] * (len(LATENCY_BUCKETS) + 1)
+        cumulative, total = [], 0
+        for n in counts:
+            total += n
+            cumulative.append(total)
         with self._lock:
-            cumulative, total = [], 0
-            for n in self._latency_counts:
-                total += n
-                cumulative.append(total)
             return {
-                "guest_written_bytes": self.guest_written_bytes,
+                "guest_written_bytes": sum(s.written_bytes for s in shards),
                 "dirtied_bytes": self.dirtied_bytes,
                 "dest_written_bytes": self.dest_written_bytes,
                 "copied_bytes": dict(self.copied_bytes),
                 "errors": dict(self.errors),
                 "write_latency": {"le": list(LATENCY_BUCKETS) + ["+Inf"], "counts": cumulative,
-                                  "sum": self._latency_sum, "count": total},
+                                  "sum": sum(s.latency_sum for s in shards), "count": total},
             }
