@@ -65,9 +65,7 @@ class Mirror:
         first, last = self.map.chunk_range(offset, count)
         held = self.locks.acquire(first, last)
         try:
-            # One chunk (most guest writes): a single bit, lock-free, which the held range keeps still.
-            dirty = self.map.is_dirty(first) if first == last else self.map.any_dirty(first, last)
-            if dirty:
+            if self.map.any_dirty(first, last):
                 self._mark_dirty(offset, count)
                 source_op()
             elif fua or count >= PARALLEL_MIN_BYTES:
