@@ -54,15 +54,8 @@ class Disk:
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
         start = time.monotonic()
-        if self.mirror is None:  # passthrough, the common case: no closures on the way
-            try:
-                self._open().pwrite(buf, offset, fua)
-            except OSError:
-                self.stats.error("source", "pwrite")
-                raise
-        else:
-            write = lambda side: side.pwrite(buf, offset, fua)
-            self._update("pwrite", write, write, offset, len(buf), fua)
+        write = lambda side: side.pwrite(buf, offset, fua)
+        self._update("pwrite", write, write, offset, len(buf), fua)
         self.stats.guest_write(len(buf), time.monotonic() - start)
 
     def zero(self, count: int, offset: int, may_trim: bool, fast: bool, fua: bool) -> None:
@@ -78,11 +71,15 @@ class Disk:
                 fua: bool) -> None:
         """Route one guest update: to the source alone, or through the mirror while MIRRORING."""
         primary, mirror = self._open(), self.mirror
-        if mirror is None:
-            self._source(op, lambda: on_source(primary))
-        else:
-            self._source(op, lambda: mirror.update(op, lambda: on_source(primary),
-                                                   lambda: on_dest(mirror.dest), offset, count, fua))
+        try:  # passthrough (the common case) calls the source directly, no closure in between
+            if mirror is None:
+                on_source(primary)
+            else:
+                mirror.update(op, lambda: on_source(primary), lambda: on_dest(mirror.dest),
+                              offset, count, fua)
+        except OSError:  # mirror.update raises only the source's errors
+            self.stats.error("source", op)
+            raise
 
     def flush(self) -> None:
         primary, mirror = self._open(), self.mirror
