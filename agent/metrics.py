@@ -61,7 +61,7 @@ except Exception:  # not installed (running from a source tree)
 
 # The plugin's backend error counters (nbd_plugin: disk.py, mirror.py, copier.py, vm.py).
 ERROR_OPS = {"source": ("pread", "pwrite", "flush", "trim", "zero"),
-             "dest": ("pwrite", "flush", "trim", "zero", "copy")}
+             "dest": ("pwrite", "flush", "trim", "zero", "copy", "write_back")}
 ZERO_ERRORS = {f"{side}:{op}": 0.0 for side, ops in ERROR_OPS.items() for op in ops}
 
 StatusSource = Callable[[], dict[str, dict]]
