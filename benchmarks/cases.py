@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from nbd_plugin.backend import write_back_in_slices
+
 from . import images, procs, tools
 from .loadgen import LoadGen, Trace
 from .qemu_mirror import mirror_run
@@ -128,6 +130,37 @@ def quiet_latencies(trace: Trace, migrations: list[Migration]) -> list[float]:
 
 # --- case 1 -------------------------------------------------------------------------------------
 
+def write_back_floor(ctx: Context, work: str, rate: int, case: Case) -> list[float]:
+    """This machine's own stall: the guest-visible wait on nbdkit's C file plugin, under the same
+    load, while the harness writes back a disk-sized file of its own (slices, then fdatasync, as
+    flush_dest does). No svmotion code runs; it is what a write-back of that size costs any
+    server here, and what the copier's write-behind keeps out of the switchover."""
+    cfg = ctx.cfg
+    disk = images.make_dense(os.path.join(work, "floor-disk.raw"), cfg.stun_disk)
+    sock = os.path.join(work, "floor.nbd")
+    windows = []
+    with procs.nbdkit_file(disk, sock, work) as server:
+        case.command(server.command)
+        lg = LoadGen([procs.nbd_uri(sock)], os.path.join(work, "floor-load"), rate=rate)
+        with lg:
+            time.sleep(cfg.pre_seconds)
+            for _ in range(cfg.qemu_reps):
+                other = images.make_dense(os.path.join(work, "floor-other.raw"), cfg.stun_disk)
+                fd = os.open(other, os.O_RDWR)
+                start = time.monotonic()
+                write_back_in_slices(fd, cfg.stun_disk)
+                os.fdatasync(fd)
+                windows.append((start, time.monotonic()))
+                os.close(fd)
+                os.unlink(other)
+                time.sleep(DRAIN_SETTLE if rate else SETTLE)
+            trace = lg.stop()
+    os.unlink(disk)
+    case.command(f"(harness) write {size_label(cfg.stun_disk)} to another file in 64 KiB pieces, "
+                 "then sync_file_range in 8 MiB slices and fdatasync (timed)")
+    return [trace.max_wait(*window) for window in windows]
+
+
 def case_stun_under_load(ctx: Context) -> Case:
     case = Case("1", "Switchover stun under load",
                 "guest-visible wait around switchover p99 <= 5 ms (4 KiB random writes, QD 8, "
@@ -175,6 +208,9 @@ def case_stun_under_load(ctx: Context) -> Case:
             for path in os.listdir(work):
                 if path.endswith(".raw"):
                     os.unlink(os.path.join(work, path))
+            case.add(f"floor: nbdkit file plugin while {size_label(cfg.stun_disk)} of another file "
+                     f"is written back, guest-visible wait ({label})",
+                     write_back_floor(ctx, work, rate, case), "s")
         # QEMU's pivot under the same loads, same disk size, same client.
         source = images.make_dense(os.path.join(work, "qemu-src.raw"), cfg.stun_disk)
         for label, rate in loads:
@@ -362,7 +398,7 @@ def case_bulk_rate(ctx: Context) -> Case:
         case.command(" ".join(tools.cp_argv(source, dest)))
         with ctx.mirror_node(work, {"disk0": source}) as (node, drv, sock):
             case.command(node.command + "  # then control: stun; install_mirror; unstun; "
-                         "copy kind=bulk rate=0 (timed until done); abort")
+                         "copy kind=bulk rate=0; flush_dest (timed until it returns); abort")
             for _ in range(cfg.bulk_reps):
                 seconds["nbdcopy file -> file"].append(tools.timed_copy(tools.nbdcopy_argv(source, dest), dest))
                 seconds["cp"].append(tools.timed_copy(tools.cp_argv(source, dest), dest))
@@ -379,7 +415,10 @@ def case_bulk_rate(ctx: Context) -> Case:
         case.notes.append(f"{key} / nbdcopy (medians): {ratio(summarize(rates[key])['median'], nbdcopy):.2f}x")
     case.verdict("svmotion bulk copy / nbdcopy (medians)",
                  ratio(summarize(rates["svmotion bulk copy"])["median"], nbdcopy), 0.8, "higher", "ratio")
-    case.notes.append(f"{size_label(size)} dense image in page cache; no tool fsyncs the copy.")
+    case.notes.append(f"{size_label(size)} dense image in page cache. Each copy is timed until it is "
+                      "durable: nbdcopy and cp, then fdatasync of the copy by the harness; svmotion, "
+                      "the bulk copy then flush_dest. QEMU's mirror is timed to READY, its target "
+                      "not flushed.")
     return case
 
 

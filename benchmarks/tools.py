@@ -3,9 +3,11 @@
 Design notes
 - fio runs time-based with its JSON output parsed for write IOPS and bytes/s; the same job
   file is pointed at nbdkit's C `file` plugin and at the mirror node, so only the server differs.
-- Copies are timed wall-clock around the tool, source in page cache (it was just written), the
-  destination a new file that is deleted afterwards; no tool is asked to fsync, the mirror
-  node's copier included, so the figures compare copy engines, not the disk's writeback.
+- Copies are timed wall-clock from the tool's start until its copy is durable (the harness
+  fdatasyncs the destination after the tool exits), source in page cache (it was just written),
+  the destination a new file that is deleted afterwards. The mirror node's bulk copy is timed
+  the same way, through flush_dest: its copier writes behind itself (nbd_plugin/copier.py), so a
+  copy that stopped at the page cache would compare a durable copy with a cached one.
 """
 from __future__ import annotations
 
@@ -45,11 +47,18 @@ def fio_write(uri: str, rw: str, bs: str, iodepth: int, seconds: float) -> dict[
 
 
 def timed_copy(argv: list[str], dest: str, timeout: float = 300) -> float:
-    """Run a copy command that creates `dest`; return its wall-clock seconds and remove `dest`."""
+    """Run a copy command that creates `dest`; its wall-clock seconds until `dest` is durable.
+
+    `dest` is removed afterwards."""
     if os.path.exists(dest):
         os.unlink(dest)
     start = time.monotonic()
     run(argv, timeout)
+    fd = os.open(dest, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
     seconds = time.monotonic() - start
     os.unlink(dest)
     return seconds
