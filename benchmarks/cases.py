@@ -41,6 +41,7 @@ class Config:
     stun_disk: int = 256 * MiB
     stun_migrations: int = 20
     qemu_reps: int = 5
+    floor_reps: int = 10
     legacy_disk: int = 4 * MiB
     legacy_reps: int = 8
     legacy_counts: tuple[int, ...] = (1, 4, 16)
@@ -61,8 +62,8 @@ class Config:
 
 
 FULL = Config("full")
-QUICK = Config("quick", stun_disk=16 * MiB, stun_migrations=2, qemu_reps=1, legacy_disk=1 * MiB,
-               legacy_reps=1, legacy_counts=(1, 4), during_disk=64 * MiB, during_reps=2,
+QUICK = Config("quick", stun_disk=16 * MiB, stun_migrations=2, qemu_reps=1, floor_reps=1,
+               legacy_disk=1 * MiB, legacy_reps=1, legacy_counts=(1, 4), during_disk=64 * MiB, during_reps=2,
                bulk_disk=64 * MiB, bulk_reps=1, sparse_virtual=4 * GiB, sparse_data=64 * MiB,
                sparse_reps=1, fio_image=64 * MiB, fio_seconds=1.0, fio_reps=1,
                scale_virtual=64 * GiB, scale_disks=4, scale_disk_size=1 * GiB, pre_seconds=0.5)
@@ -130,35 +131,48 @@ def quiet_latencies(trace: Trace, migrations: list[Migration]) -> list[float]:
 
 # --- case 1 -------------------------------------------------------------------------------------
 
-def write_back_floor(ctx: Context, work: str, rate: int, case: Case) -> list[float]:
-    """This machine's own stall: the guest-visible wait on nbdkit's C file plugin, under the same
-    load, while the harness writes back a disk-sized file of its own (slices, then fdatasync, as
-    flush_dest does). No svmotion code runs; it is what a write-back of that size costs any
-    server here, and what the copier's write-behind keeps out of the switchover."""
+def flush_floor(ctx: Context, work: str, rate: int, case: Case) -> dict[str, list[float]]:
+    """This machine's own stalls, with no svmotion code running: the guest-visible wait on
+    nbdkit's C file plugin under the same load while the harness
+    - "another file": writes a disk-sized file of its own and writes it back in slices, then
+      fdatasyncs it (what flush_dest did before the copier wrote behind itself);
+    - "the served image": writes back and fdatasyncs the image the guest is writing to (what
+      flush_dest does to a destination now, and what an NBD flush costs on this server).
+    Each window is timed around the write-back and the fdatasync."""
     cfg = ctx.cfg
     disk = images.make_dense(os.path.join(work, "floor-disk.raw"), cfg.stun_disk)
     sock = os.path.join(work, "floor.nbd")
-    windows = []
+    windows: dict[str, list[tuple[float, float]]] = {"another file": [], "the served image": []}
     with procs.nbdkit_file(disk, sock, work) as server:
         case.command(server.command)
         lg = LoadGen([procs.nbd_uri(sock)], os.path.join(work, "floor-load"), rate=rate)
         with lg:
             time.sleep(cfg.pre_seconds)
-            for _ in range(cfg.qemu_reps):
-                other = images.make_dense(os.path.join(work, "floor-other.raw"), cfg.stun_disk)
-                fd = os.open(other, os.O_RDWR)
-                start = time.monotonic()
-                write_back_in_slices(fd, cfg.stun_disk)
-                os.fdatasync(fd)
-                windows.append((start, time.monotonic()))
-                os.close(fd)
-                os.unlink(other)
-                time.sleep(DRAIN_SETTLE if rate else SETTLE)
+            for _ in range(cfg.floor_reps):
+                for what, spans in windows.items():
+                    path = disk if what == "the served image" else \
+                        images.make_dense(os.path.join(work, "floor-other.raw"), cfg.stun_disk)
+                    spans.append(timed_flush(path, cfg.stun_disk))
+                    if path != disk:
+                        os.unlink(path)
+                    time.sleep(DRAIN_SETTLE if rate else SETTLE)
             trace = lg.stop()
     os.unlink(disk)
-    case.command(f"(harness) write {size_label(cfg.stun_disk)} to another file in 64 KiB pieces, "
-                 "then sync_file_range in 8 MiB slices and fdatasync (timed)")
-    return [trace.max_wait(*window) for window in windows]
+    case.command(f"(harness) another file: write {size_label(cfg.stun_disk)} in 64 KiB pieces; then "
+                 "either file: sync_file_range in 8 MiB slices and fdatasync (the timed window)")
+    return {what: [trace.max_wait(*span) for span in spans] for what, spans in windows.items()}
+
+
+def timed_flush(path: str, size: int) -> tuple[float, float]:
+    """Write back and fdatasync `path` as flush_dest does; the (start, end) of that window."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        start = time.monotonic()
+        write_back_in_slices(fd, size)
+        os.fdatasync(fd)
+        return start, time.monotonic()
+    finally:
+        os.close(fd)
 
 
 def case_stun_under_load(ctx: Context) -> Case:
@@ -208,9 +222,9 @@ def case_stun_under_load(ctx: Context) -> Case:
             for path in os.listdir(work):
                 if path.endswith(".raw"):
                     os.unlink(os.path.join(work, path))
-            case.add(f"floor: nbdkit file plugin while {size_label(cfg.stun_disk)} of another file "
-                     f"is written back, guest-visible wait ({label})",
-                     write_back_floor(ctx, work, rate, case), "s")
+            for what, waits in flush_floor(ctx, work, rate, case).items():
+                case.add(f"floor: nbdkit file plugin, {what} written back and flushed, "
+                         f"guest-visible wait ({label})", waits, "s")
         # QEMU's pivot under the same loads, same disk size, same client.
         source = images.make_dense(os.path.join(work, "qemu-src.raw"), cfg.stun_disk)
         for label, rate in loads:

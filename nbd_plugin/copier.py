@@ -19,9 +19,9 @@ Design notes
   oldest runs once more than WRITE_BEHIND_BYTES are on their way, so the copy runs at the
   destination's speed and leaves at most that much of it in the page cache. Unbounded, a copy at
   page-cache speed left the whole disk dirty: flush_dest then wrote it all back just before the
-  switchover stun (a 256 MiB write-back on this test machine stalls 4 KiB guest writes 15-22 ms
-  even on nbdkit's C file plugin serving another file), and a disk bigger than the kernel's dirty
-  limit would throttle every writer on the host, the guest's source writes included.
+  switchover stun (a write-back that size stalls guest writes even on nbdkit's C file plugin
+  serving another file: benchmark case 1, its floor rows), and a disk bigger than the kernel's
+  dirty limit would throttle every writer on the host, the guest's source writes included.
 - The switchover's last copy is the same loop run synchronously under the stun, with a deadline
   instead of a rate, so the stun never outlives its lease.
 """
