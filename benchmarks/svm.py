@@ -142,11 +142,13 @@ class MirrorNodeDriver:
     def migrate(self, strategy: str = "optimized", mode: str = "sync", granularity: int = 65536,
                 rate: int = 0, stun_budget: float = 0.05, copy_timeout: float = 600.0,
                 max_dirty_passes: int = 20, keep_old: bool = False,
-                after_install: Callable[[], None] | None = None) -> Migration:
+                after_install: Callable[[], None] | None = None,
+                after_copy: Callable[[], None] | None = None) -> Migration:
         """One full migration of every disk to fresh files; the old files are deleted afterwards.
 
         `after_install` runs once the mirror is installed and before the copy (case 8 reads the
-        plugin's memory there)."""
+        plugin's memory there); `after_copy` once the copy passes are done, before flush_dest
+        (case 3 measures the guest on a mirror with no copy running there)."""
         m = Migration(strategy, mode, started=time.monotonic())
         dests = self.next_dests()
         m.install = self.install(strategy, mode, granularity, dests)
@@ -162,7 +164,10 @@ class MirrorNodeDriver:
                and m.passes < max_dirty_passes):
             status = self.copy("dirty", rate, copy_timeout)
             m.passes += 1
-        m.copy_done = m.flush_sent = time.monotonic()
+        m.copy_done = time.monotonic()
+        if after_copy is not None:
+            after_copy()
+        m.flush_sent = time.monotonic()
         m.flush_seconds = self.client.call("flush_dest")["seconds"]
         m.disks_before_switch = self.status()["disks"]
         stun_id, t0 = self.stun("switchover")
