@@ -1,7 +1,9 @@
 # svmotion: every target does its own set-up on a fresh Debian 12 machine, and is idempotent.
 VENV    := .venv
 PY      := $(VENV)/bin/python
-DEB_PKGS := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbdfuse fuse3 \
+# nbdfuse comes in libnbd-bin: Debian 12's "nbdfuse" is only a name libnbd-bin provides, which
+# dpkg never reports as installed, so listing it made every run call apt-get update.
+DEB_PKGS := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd fuse3 \
             qemu-utils qemu-system-common qemu-system-x86 prometheus fio python3-venv \
             e2fsprogs util-linux iproute2 kmod strace
 PYTEST_ARGS ?=
