@@ -150,9 +150,9 @@ def copy_pass(source: FileBackend, mirror: Mirror, stats: DiskStats, progress: P
         if behind is not None and copied:
             try:
                 behind.copied(chunk << mirror.map.shift, mirror.map.chunk_bytes(chunk, last))
-            except OSError as err:  # the data may not have reached the destination: fail the pass
+            except OSError as err:  # copied data may not have reached the destination: fail the pass
                 stats.error("dest", "write_back")
-                first_error = first_error or f"write-back at offset {chunk << mirror.map.shift}: {err.strerror}"
+                first_error = first_error or f"destination write-back: {err.strerror}"
         progress.done_bytes += copied
         stats.copied(progress.kind, copied)
         if rate:
