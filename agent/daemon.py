@@ -5,14 +5,22 @@ Design notes
   migrate, status, abort, shutdown. A refusal is a `RequestError` carrying `exit` (section 5), so
   the CLI prints the agent's one line and exits with the agent's code.
 - State in state_dir, so the agent can die at any moment (even SIGKILL) and come back:
-  `<vm>.pid` (the supervisor's), `<vm>.paths.json` (where the VM's disks and files live now:
-  written after a successful migration, so a restart serves the destination), and
-  `<vm>.migration.json` (a journal of the running migration: the destination files it may have
-  created). A journal found at start means the agent died mid-migration: the mirror node is told
-  to abort (its stun, if any, ended with our connection) and the partial files are removed.
+  `<vm>.pid` (the supervisor's), `<vm>.served.json` (where each disk lives, written by nbdkit
+  itself before it serves a new place: nbd_plugin/served.py), `<vm>.paths.json` (where the
+  VM's per-VM files and sidecars live: written after a successful migration), and
+  `<vm>.migration.json` (the running migration's journal, phases.py `journal()`).
+- Where a disk lives is what nbdkit serves, never what a journal or paths.json says: the served
+  record is the only place the disks' paths are read from once it exists, at start and at every
+  restart of nbdkit, so no crash can bring a VM back on a stale source.
+- Resume, not restart: a journal found at start means the agent died mid-migration. If the
+  mirror node that ran it still lives, the migration goes on from the phase the node's state
+  allows (`_resume_point`): the node serves the destination -> the switchover happened, finish
+  it; mirrors installed -> their dirty maps are the checkpoint, go on copying; disks on the
+  source -> the stun was rolled back, go on from DiskCreate or Stun. If nbdkit died too, the
+  migration has failed (its mirror state is gone) and is rolled back as any failure is.
 - Supervision: a thread checks every nbdkit once a second. A dead one fails the VM's running
   migration (the source was authoritative until switchover, so nothing is lost) and is
-  restarted on the VM's current paths.
+  restarted on the disks of its served record.
 - Threads: API connection threads, one thread per running migration, the supervision thread,
   the metrics server. `_lock` protects the migrations/last/paths maps; no call to nbdkit is
   made while holding it.
@@ -32,10 +40,11 @@ from agent import __version__, metrics
 from agent.config import AgentConfig, VmConfig
 from agent.errors import EXIT_INTERNAL, EXIT_USAGE, ConfigError, Refused, SvmotionError
 from agent.jsonlines import JsonLinesClient, RemoteError
-from agent.phases import Injection, Migration
+from agent.phases import PHASES, Injection, Migration
 from agent.plan import PARTIAL_SUFFIX, MigrationOptions
 from agent.supervisor import Nbdkit
 from nbd_plugin.control import Connection, ControlServer, RequestError
+from nbd_plugin.served import read_record, resolve_renamed
 
 log = logging.getLogger("svmotion.agent")
 
@@ -159,11 +168,21 @@ class Agent:
             paths = saved
         else:
             paths = configured
+        served = self._served_disks(vm)
+        if served is not None:
+            paths = {**paths, "disks": served}
         for name, path in paths["disks"].items():
             if not os.path.isfile(path):
                 raise ConfigError(f"{self.config.source}: disk {name!r} of VM {vm.name!r}: {path!r} does not "
                                   f"exist; create the raw image (truncate -s SIZE FILE) or fix its path")
         return paths
+
+    def _served_disks(self, vm: VmConfig) -> dict[str, str] | None:
+        """The disks' paths as nbdkit last recorded serving them (None: no usable record)."""
+        record = read_record(self.nodes[vm.name].served_file)
+        if record is None or record.get("vm") != vm.name or set(record["disks"]) != {d.name for d in vm.disks}:
+            return None
+        return {name: resolve_renamed(path) for name, path in record["disks"].items()}
 
     def _state(self, vm: str, suffix: str) -> str:
         return os.path.join(self.config.state_dir, f"{vm}.{suffix}")
@@ -176,40 +195,84 @@ class Agent:
         metrics.set_phase(vm.name, None)
 
     def _recover(self, vm: VmConfig) -> None:
-        """Finish the story of a migration the previous agent did not live to end."""
+        """Go on with a migration the previous agent did not live to end, or end it as failed."""
         journal = read_json(self._state(vm.name, "migration.json"))
         if not journal:
             return
-        log.warning("vm %s: the agent stopped during migration %s; rolling it back", vm.name, journal.get("id"))
-        error = "interrupted: the agent stopped during the migration"
+        try:
+            resume_at = self._resume_point(vm, journal)
+        except (OSError, ValueError, RemoteError, KeyError) as err:
+            resume_at, why = None, f"its mirror node did not answer ({err})"
+        else:
+            why = "nbdkit stopped too, and the mirror state with it"
+        if resume_at is None:
+            self._fail_interrupted(vm, journal, why)
+            return
+        log.warning("vm %s: resuming migration %s at %s (the agent stopped in %s)", vm.name,
+                    journal["id"], resume_at, journal["phase"])
+        migration = Migration.from_journal(vm, lambda: self.nodes[vm.name].client(timeout=60.0), journal,
+                                           resume_at, on_done=self._migration_done, injection=self._injection,
+                                           save_journal=self._journal_writer(vm))
+        with self._lock:
+            self.migrations[vm.name] = migration
+        migration.start()
+
+    def _resume_point(self, vm: VmConfig, journal: dict[str, Any]) -> str | None:
+        """The phase an interrupted migration can go on from, judged by what its nbdkit serves now."""
+        sources = {d["name"]: d["source"] for d in journal["plan"]}
+        served = self._served_disks(vm) or {}
+        if any(served.get(name, source) != source for name, source in sources.items()):
+            return "DiskCopyDone"        # nbdkit serves the destination: the switchover is done
+        node = self.nodes[vm.name]
+        if not node.alive() or journal.get("nbdkit") != node.identity():
+            return None
+        with node.client(timeout=10.0) as c:
+            status = self._unstunned_status(c)
+            states = {d["state"] for d in status["disks"].values()}
+            phase = PHASES.index(journal["phase"])
+            if states == {"mirroring"}:
+                # The dirty maps are the checkpoint. A pass the dead agent started is stopped, so
+                # that the resumed job measures and paces its own passes.
+                c.call("copy_cancel")
+                return PHASES[min(max(phase, PHASES.index("DiskCopy")), PHASES.index("CopyDirtyData"))]
+            if states == {"passthrough"}:
+                return "DiskCreate" if phase <= PHASES.index("FileCreate") else "Stun"
+        raise ValueError(f"disk states {sorted(states)}")
+
+    @staticmethod
+    def _unstunned_status(c: JsonLinesClient) -> dict[str, Any]:
+        """The node's status once no stun is held: a stun of the dead agent ends with its connection."""
+        deadline = time.monotonic() + 10.0
+        while True:
+            status = c.call("status")
+            if status["stun"] is None or time.monotonic() > deadline:
+                return status
+            time.sleep(0.05)
+
+    def _fail_interrupted(self, vm: VmConfig, journal: dict[str, Any], why: str) -> None:
+        """Roll an interrupted migration back to the source, as any failure before switchover is."""
+        log.warning("vm %s: migration %s cannot go on (%s); rolling it back", vm.name, journal.get("id"), why)
         try:
             with self.nodes[vm.name].client() as c:
-                states = {d["state"] for d in c.call("status")["disks"].values()}
-                if states & {"switched"}:
-                    # Too late to roll back: the destination is authoritative. Rare (the agent died
-                    # between switchover and rename); finish it, the operator gets a warning.
-                    c.call("finish")
-                    self._adopt_switched(vm, journal)
-                    error = None
-                elif states != {"passthrough"}:
+                if {d["state"] for d in c.call("status")["disks"].values()} != {"passthrough"}:
                     c.call("abort")
         except (OSError, ValueError, RemoteError) as err:
             log.error("vm %s: cannot roll back the interrupted migration: %s", vm.name, err)
-        if error is not None:
-            for path in journal.get("created", []):
-                if path.endswith(PARTIAL_SUFFIX) and os.path.lexists(path):
-                    os.unlink(path)
-        record = {"id": journal.get("id"), "vm": vm.name, "state": "failed" if error else "success",
-                  "error": error, "phase": "Cleanup", "warnings": ["recovered by a restarted agent"]}
+        for path in journal.get("created", []):
+            if path.endswith(PARTIAL_SUFFIX) and os.path.lexists(path):
+                os.unlink(path)
+        record = {"id": journal.get("id"), "vm": vm.name, "state": "failed", "phase": "Cleanup",
+                  "error": f"interrupted: the agent stopped during the migration and {why}",
+                  "warnings": ["recovered by a restarted agent"]}
         with self._lock:
             self.last[vm.name] = record
         os.unlink(self._state(vm.name, "migration.json"))
 
-    def _adopt_switched(self, vm: VmConfig, journal: dict[str, Any]) -> None:
-        for path in journal.get("created", []):
-            if os.path.exists(path):
-                os.rename(path, path[: -len(PARTIAL_SUFFIX)])
-        self._save_paths(vm.name, journal["new_paths"])
+    def _journal_writer(self, vm: VmConfig) -> Any:
+        """Where a migration of `vm` keeps its journal, stamped with the nbdkit that runs it."""
+        node = self.nodes[vm.name]
+        path = self._state(vm.name, "migration.json")
+        return lambda journal: write_json(path, {**journal, "nbdkit": node.identity()})
 
     def _save_paths(self, vm: str, paths: dict[str, Any]) -> None:
         write_json(self._state(vm, "paths.json"), paths)
@@ -237,7 +300,7 @@ class Agent:
             try:
                 with self._lock:
                     disks = self.paths[vm.name]["disks"]
-                node.start(disks)
+                node.start(self._served_disks(vm) or disks)
                 metrics.set_nbdkit_up(vm.name, True)
             except SvmotionError as err:
                 log.error("vm %s: restart failed: %s", vm.name, err)
@@ -292,7 +355,8 @@ class Agent:
         with node.client(timeout=10.0) as c:
             hello = c.call("hello")
         migration = Migration(vm, lambda: node.client(timeout=60.0), paths, options,
-                              on_done=self._migration_done, injection=self._injection)
+                              on_done=self._migration_done, injection=self._injection,
+                              save_journal=self._journal_writer(vm))
         migration.validate(hello)
         with self._lock:
             current = self.migrations.get(vm.name)
@@ -300,14 +364,6 @@ class Agent:
                 raise Refused(f"VM {vm.name!r} is already migrating (migration {current.id}); "
                               f"wait for it or run `svmotion abort {vm.name}`")
             self.migrations[vm.name] = migration
-        created = [d.partial for d in migration.plan] + \
-                  [f + PARTIAL_SUFFIX for _, f in migration.files] + \
-                  [f + PARTIAL_SUFFIX for d in migration.plan for _, f in d.sidecars]
-        new_paths = {"disks": {d.name: d.final for d in migration.plan},
-                     "files": [f for _, f in migration.files],
-                     "sidecars": {d.name: [f for _, f in d.sidecars] for d in migration.plan}}
-        write_json(self._state(vm.name, "migration.json"),
-                   {"id": migration.id, "created": created, "new_paths": new_paths})
         migration.start()
         log.info("vm %s: migration %s to %s started (%s, mirror %s)", vm.name, migration.id,
                  options.dest, options.strategy, options.mirror)

@@ -24,9 +24,20 @@ Design notes
 - Convergence: the copy rate is measured (bulk pass, then each dirty pass); a pass is repeated
   while the dirty bytes exceed rate * stun_budget, at most `max_passes` times, then the
   migration fails cleanly with "did not converge".
+- Journal and resume: the job describes itself (`journal()`: options, plan, what it created,
+  the phase it is in, its stuns and passes so far) to `save_journal` on entering each phase and
+  at the switchover; the agent keeps that in state_dir. An agent that died mid-migration builds
+  the job again from it (`from_journal`) and resumes at the phase its mirror node's state
+  allows (daemon.py `_recover`): a mirror still installed is a checkpoint (its dirty map says
+  what is left), a node serving the destination means the switchover happened. Every phase
+  from DiskCreate on can therefore run again over its own earlier, interrupted run: DiskCreate
+  keeps partial disks it made, DiskCopyDone renames only what is not renamed yet, `finish` and
+  the source deletion accept work already done.
 - Test-only fault injection (a testing aid, documented in README): env `SVMOTION_INJECT` holds
-  comma-separated `hold:PHASE=SECONDS` (sleep that long on entering PHASE, keeping whatever is
-  held, e.g. the stun at Unstun) and `pause:PHASE` (wait before PHASE until aborted).
+  comma-separated `hold:POINT=SECONDS` (sleep that long on reaching POINT, keeping whatever is
+  held, e.g. the stun at Unstun) and `pause:PHASE` (wait before PHASE until aborted). A POINT is
+  a phase (its entry) or one of STEP_POINTS, the steps between the switchover stun and the end of
+  Cleanup where a crash must lose nothing.
 """
 from __future__ import annotations
 
@@ -53,6 +64,9 @@ SAMPLE_INTERVAL_S = 0.25
 POLL_INTERVAL_S = 0.05
 MAX_SAMPLES = 20000
 SWITCHOVER_ATTEMPTS = 3
+# Named steps where SVMOTION_INJECT can hold the job (see the module notes).
+STEP_POINTS = ("CopyDirtyData.stunned", "CopyDirtyData.switched", "CopyDirtyData.released",
+               "DiskCopyDone.renamed", "Cleanup.finished", "Cleanup.done")
 # Until a pass has been measured, assume this copy rate (bytes/s) for the stun budget.
 DEFAULT_RATE_GUESS = 200 * 2**20
 
@@ -63,6 +77,10 @@ class Aborted(Exception):
 
 class MigrationFailed(Exception):
     """A phase could not complete; the message is the one line the user sees."""
+
+
+class NodeLost(MigrationFailed):
+    """The mirror node's control connection broke: nbdkit exited or stopped answering."""
 
 
 @dataclass
@@ -79,8 +97,10 @@ class Injection:
         for item in filter(None, (part.strip() for part in text.split(","))):
             kind, _, rest = item.partition(":")
             phase, _, seconds = rest.partition("=")
-            if phase not in PHASES or kind not in ("hold", "pause") or (kind == "hold") != bool(seconds):
-                raise ValueError(f"SVMOTION_INJECT item {item!r} is not hold:PHASE=SECONDS or pause:PHASE")
+            points = PHASES + STEP_POINTS if kind == "hold" else PHASES
+            if phase not in points or kind not in ("hold", "pause") or (kind == "hold") != bool(seconds):
+                raise ValueError(f"SVMOTION_INJECT item {item!r} is not hold:POINT=SECONDS or pause:PHASE "
+                                 f"(POINT: a phase or one of {', '.join(STEP_POINTS)})")
             if kind == "pause" and PHASES.index(phase) >= PHASES.index("DiskCopyDone"):
                 # After switchover abort is refused, so such a pause could never end.
                 raise ValueError(f"SVMOTION_INJECT item {item!r}: pause only before DiskCopyDone")
@@ -101,7 +121,8 @@ class Migration:
 
     def __init__(self, vm: VmConfig, connect: Callable[[], JsonLinesClient], paths: dict[str, Any],
                  options: MigrationOptions, on_done: Callable[["Migration"], None] | None = None,
-                 injection: Injection | None = None):
+                 injection: Injection | None = None,
+                 save_journal: Callable[[dict[str, Any]], None] | None = None):
         self.vm = vm
         self._connect = connect
         self.paths = paths          # current {"disks": {name: path}, "files": [...], "sidecars": {...}}
@@ -139,6 +160,8 @@ class Migration:
         self._done = threading.Event()
         self._samples_lock = threading.Lock()             # protects samples and last_status
         self._thread: threading.Thread | None = None
+        self._save_journal = save_journal
+        self._resume_at = "Null"                          # the first phase run() walks
 
     # ---- public surface (called from the agent's API threads) ----------------------------------
 
@@ -147,8 +170,47 @@ class Migration:
         self.plan, self.files = plan_migration(self.vm, self.paths, hello, self.options)
 
     def start(self) -> None:
+        self._journal()       # before the reply to `migrate`: the agent may die at any moment now
         self._thread = threading.Thread(target=self.run, name=f"migration-{self.vm.name}", daemon=True)
         self._thread.start()
+
+    def journal(self) -> dict[str, Any]:
+        """What a restarted agent needs to resume this job (see the module notes)."""
+        return {"id": self.id, "vm": self.vm.name, "options": asdict(self.options), "started": self.started,
+                "phase": self.phase, "switched": self._switched, "copied_base": self._copied_base,
+                "plan": [asdict(d) for d in self.plan], "files": self.files, "created": self._to_remove(),
+                "new_paths": self.planned_paths(), "phases": self.phases, "stuns": self.stuns,
+                "passes": self.passes, "steps": self.steps, "warnings": self.warnings,
+                "copy_rate_bps": self.copy_rate_bps}
+
+    @classmethod
+    def from_journal(cls, vm: VmConfig, connect: Callable[[], JsonLinesClient], journal: dict[str, Any],
+                     resume_at: str, **kwargs: Any) -> "Migration":
+        """The job a dead agent was running, to go on at phase `resume_at`."""
+        m = cls(vm, connect, {}, MigrationOptions(**journal["options"]), **kwargs)
+        m.id, m.started, m._copied_base = journal["id"], journal["started"], journal["copied_base"]
+        m.plan = [DiskPlan(**{**d, "sidecars": [tuple(s) for s in d["sidecars"]]}) for d in journal["plan"]]
+        m.files = [tuple(f) for f in journal["files"]]
+        m._created = list(journal["created"])
+        for key in ("phases", "stuns", "passes", "steps", "warnings"):
+            setattr(m, key, list(journal.get(key) or []))
+        m.copy_rate_bps = journal.get("copy_rate_bps")
+        m._switched = resume_at in PHASES[PHASES.index("DiskCopyDone"):]
+        m._resume_at = resume_at
+        m.warnings.append(f"resumed at {resume_at} by a restarted agent (it stopped in {journal['phase']})")
+        return m
+
+    def _to_remove(self) -> list[str]:
+        """What a rollback removes: what we made, and what we are about to make (a crash may come
+        between an O_EXCL create and the next journal write; DiskSetup saw none of them exist)."""
+        planned = [d.partial for d in self.plan] + [partial_name(f) for _, f in self.files] + \
+                  [partial_name(f) for d in self.plan for _, f in d.sidecars]
+        return self._created + [p for p in planned if p not in self._created]
+
+    def planned_paths(self) -> dict[str, Any]:
+        """Where the VM's disks and files live once this migration has succeeded."""
+        return {"disks": {d.name: d.final for d in self.plan}, "files": [f for _, f in self.files],
+                "sidecars": {d.name: [f for _, f in d.sidecars] for d in self.plan}}
 
     def abort(self, reason: str = "aborted by the user", failed: bool = False) -> None:
         """Ask the job to stop at its next cancel point; refused once the switchover is done.
@@ -198,7 +260,7 @@ class Migration:
         try:
             self._ctl = self._connect()
             sampler.start()
-            for phase in PHASES[:-1]:
+            for phase in PHASES[PHASES.index(self._resume_at):-1]:
                 self._checkpoint(phase)
                 self._run_phase(phase, getattr(self, f"_phase_{phase}"))
         except Aborted:
@@ -237,6 +299,7 @@ class Migration:
     def _run_phase(self, phase: str, body: Callable[[], None]) -> None:
         self.phase = phase
         metrics.set_phase(self.vm.name, phase)
+        self._journal()
         t0, wall = time.monotonic(), time.time()
         try:
             self._inject_at(phase)
@@ -257,16 +320,24 @@ class Migration:
             self._abort.wait()
             raise Aborted()
 
-    def _inject_at(self, phase: str) -> None:
-        seconds = self._inject.hold.get(phase)
-        if seconds and phase != "Cleanup":
-            log.warning("vm %s: SVMOTION_INJECT hold at %s for %.1f s", self.vm.name, phase, seconds)
-            if self._abort.wait(seconds):
+    def _inject_at(self, point: str) -> None:
+        seconds = self._inject.hold.get(point)
+        if seconds and point != "Cleanup":
+            log.warning("vm %s: SVMOTION_INJECT hold at %s for %.1f s", self.vm.name, point, seconds)
+            if self._abort.wait(seconds) and not self._switched:
                 raise Aborted()
+
+    def _journal(self) -> None:
+        if self._save_journal is not None:
+            self._save_journal(self.journal())
 
     def _call(self, op: str, **args: Any) -> dict[str, Any]:
         assert self._ctl is not None
-        return self._ctl.call(op, **args)
+        try:
+            return self._ctl.call(op, **args)
+        except (OSError, ValueError) as err:   # RemoteError is neither: the node answered
+            raise NodeLost(f"lost the mirror node of VM {self.vm.name!r} during {self.phase} ({op}): nbdkit "
+                           f"exited or closed its control socket ({getattr(err, 'strerror', None) or err})") from None
 
     def _step(self, name: str, fn: Callable[[], Any]) -> Any:
         """A timed, logged action inside a phase."""
@@ -294,6 +365,8 @@ class Migration:
 
     def _phase_DiskCreate(self) -> None:
         for disk in self.plan:
+            if disk.partial in self._created and _is_partial_of(disk.partial, disk.size):
+                continue      # made by this very job before its agent died (resume)
             mode = os.stat(disk.source).st_mode & 0o777
             fd = os.open(disk.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
             self._created.append(disk.partial)
@@ -356,9 +429,10 @@ class Migration:
     def _phase_DiskCopyDone(self) -> None:
         # The destination is authoritative: give every object its final name.
         for disk in self.plan:
-            os.rename(disk.partial, disk.final)
+            rename_partial(disk.partial, disk.final)
+        self._inject_at("DiskCopyDone.renamed")
         for source, final in self.files + [s for d in self.plan for s in d.sidecars]:
-            os.rename(partial_name(final), final)
+            rename_partial(partial_name(final), final)
         fsync_dir(self.options.dest)
 
     def _phase_Complete(self) -> None:
@@ -384,18 +458,18 @@ class Migration:
         # `paths`: the files were renamed at DiskCopyDone; the plugin must reopen (legacy) and
         # report them by their final names. (An extension of the `finish` op; see the report.)
         self._call("finish", paths={d.name: d.final for d in self.plan})
-        self.new_paths = {
-            "disks": {d.name: d.final for d in self.plan},
-            "files": [f for _, f in self.files],
-            "sidecars": {d.name: [f for _, f in d.sidecars] for d in self.plan},
-        }
+        self._inject_at("Cleanup.finished")
+        self.new_paths = self.planned_paths()
         if self.options.delete_source:
             for path in [d.source for d in self.plan] + [s for s, _ in self.files] + \
                         [s for d in self.plan for s, _ in d.sidecars]:
                 try:
                     os.unlink(path)
+                except FileNotFoundError:
+                    pass      # deleted before a restart of the agent (resume)
                 except OSError as err:
                     self.warnings.append(f"delete source {path}: {err.strerror}")
+        self._inject_at("Cleanup.done")
 
     def _roll_back(self, error: str | None) -> None:
         """Back to PASSTHROUGH on the intact source; delete everything created at the destination."""
@@ -539,6 +613,7 @@ class Migration:
         self._checkpoint()
         reply = self._call("stun", lease=self.vm.lease, kind="switchover")
         self._stun_id, self._stun_t0 = reply["stun_id"], time.monotonic()
+        self._inject_at("CopyDirtyData.stunned")
         try:
             done = self._call("switchover", stun_id=self._stun_id,
                               reopen=self.options.strategy == "legacy")
@@ -552,9 +627,12 @@ class Migration:
                 self._stun_id = None
             return False
         self._switched = True
+        self._inject_at("CopyDirtyData.switched")
         record = self._release_stun("switchover")
         record["final_bytes"] = done.get("final_bytes")
         record["switchover_seconds"] = done.get("seconds")
+        self._journal()
+        self._inject_at("CopyDirtyData.released")
         return True
 
     def _remember(self, status: dict[str, Any]) -> None:
@@ -585,6 +663,21 @@ class Migration:
                         self.samples.append(sample)
         finally:
             ctl.close()
+
+
+def rename_partial(partial: str, final: str) -> None:
+    """Give a destination object its final name; done already (an earlier run of this job) is fine."""
+    if os.path.lexists(partial):
+        os.rename(partial, final)
+    elif not os.path.lexists(final):
+        raise MigrationFailed(f"destination file {partial!r} vanished before it could be renamed to {final!r}")
+
+
+def _is_partial_of(path: str, size: int) -> bool:
+    try:
+        return os.stat(path).st_size == size
+    except FileNotFoundError:
+        return False
 
 
 def fsync_file(path: str) -> None:

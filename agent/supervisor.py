@@ -36,7 +36,7 @@ THREADS = 16
 READY_TIMEOUT_S = 15.0
 
 
-def nbdkit_command(vm: VmConfig, disk_paths: dict[str, str], control: str) -> list[str]:
+def nbdkit_command(vm: VmConfig, disk_paths: dict[str, str], control: str, served: str) -> list[str]:
     """The nbdkit command line of docs/interfaces.md, section 1, disks in configuration order.
 
     nbdkit takes either a Unix socket or a TCP port on its command line, never both; a VM with a
@@ -47,7 +47,7 @@ def nbdkit_command(vm: VmConfig, disk_paths: dict[str, str], control: str) -> li
         cmd += ["--unix", vm.socket]
     cmd += ["--threads", str(THREADS), "python", str(plugin_script()), f"vm={vm.name}"]
     cmd += [f"disk={d.name}:{disk_paths[d.name]}" for d in vm.disks]
-    cmd += [f"control={control}", f"lease={vm.lease}"]
+    cmd += [f"control={control}", f"lease={vm.lease}", f"state={served}"]
     return cmd
 
 
@@ -153,6 +153,9 @@ class Nbdkit:
         self.control = os.path.join(state_dir, f"{vm.name}.ctl")
         self.pid_file = os.path.join(state_dir, f"{vm.name}.pid")
         self.log_file = os.path.join(state_dir, f"{vm.name}.nbdkit.log")
+        # Where each disk lives, written by nbdkit itself before it serves a new place
+        # (nbd_plugin/served.py): the truth about the disks after any crash.
+        self.served_file = os.path.join(state_dir, f"{vm.name}.served.json")
         self.pid: int | None = None
         self._start_time: int | None = None
         self.hello: dict[str, Any] = {}
@@ -160,6 +163,10 @@ class Nbdkit:
     def client(self, timeout: float | None = 30.0) -> JsonLinesClient:
         """A new connection to the control socket (each user gets its own: a stun belongs to one)."""
         return JsonLinesClient(self.control, timeout=timeout)
+
+    def identity(self) -> dict[str, int | None]:
+        """Which nbdkit process this is: a restarted one has another pid or start time."""
+        return {"pid": self.pid, "start_time": self._start_time}
 
     def alive(self) -> bool:
         if self.pid is None:
@@ -211,7 +218,7 @@ class Nbdkit:
         for path in (self.control, self.vm.socket):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         remove_stale_socket(self.vm.socket)
-        cmd = nbdkit_command(self.vm, disk_paths, self.control)
+        cmd = nbdkit_command(self.vm, disk_paths, self.control, self.served_file)
         listeners = listening_sockets(self.vm)
         try:
             self.pid = launch_detached(cmd, self.log_file, {"PYTHONPATH": str(plugin_pythonpath())}, listeners)

@@ -1,6 +1,7 @@
 """nbdkit entry point of the svmotion mirror node: the callbacks translate and dispatch, nothing else.
 
     nbdkit python nbd_plugin/plugin.py vm=NAME disk=NAME:PATH [disk=...] control=SOCKET [lease=2.0]
+           [state=FILE]
 
 (with the directory above nbd_plugin/ on PYTHONPATH: nbdkit's embedded Python does not add the
 script's directory to sys.path). See docs/interfaces.md for the control protocol.
@@ -21,7 +22,7 @@ from nbd_plugin.vm import VM
 
 API_VERSION = 2
 
-_config: dict = {"vm": None, "disks": [], "control": None, "lease": 2.0}
+_config: dict = {"vm": None, "disks": [], "control": None, "lease": 2.0, "state": None}
 _vm: VM | None = None
 _server: ControlServer | None = None
 _threads = PinnedThreadStates()
@@ -45,8 +46,10 @@ def config(key: str, value: str) -> None:
         _config["control"] = value
     elif key == "lease":
         _config["lease"] = float(value)
+    elif key == "state":
+        _config["state"] = value
     else:
-        raise ConfigError(f"unknown parameter {key}={value!r}; known: vm, disk, control, lease")
+        raise ConfigError(f"unknown parameter {key}={value!r}; known: vm, disk, control, lease, state")
 
 
 def config_complete() -> None:
@@ -63,7 +66,7 @@ def thread_model() -> int:
 
 def get_ready() -> None:
     global _vm
-    _vm = VM(_config["vm"], _config["disks"], _config["lease"])
+    _vm = VM(_config["vm"], _config["disks"], _config["lease"], _config["state"])
 
 
 def after_fork() -> None:

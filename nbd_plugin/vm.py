@@ -33,6 +33,7 @@ from .disk import CLOSED, MIRRORING, PASSTHROUGH, SWITCHED, Disk
 from .gate import DrainTimeout, StunGate
 from .mirror import MODES
 from .priority import run_in_background
+from .served import write_record
 
 PROTOCOL_VERSION = 1
 STUN_KINDS = ("mirror_install", "switchover", "abort", "other")
@@ -63,9 +64,11 @@ class Stun:
 class VM:
     """The disks of one VM and the operations on them."""
 
-    def __init__(self, name: str, disks: list[tuple[str, str]], lease: float = 2.0):
+    def __init__(self, name: str, disks: list[tuple[str, str]], lease: float = 2.0,
+                 state_file: str | None = None):
         self.name = name
         self.lease = lease
+        self.state_file = state_file   # the served-disks record (served.py); None: not kept
         self.disks: dict[str, Disk] = {}
         for disk_name, path in disks:
             self.disks[disk_name] = Disk(disk_name, path)
@@ -75,6 +78,7 @@ class VM:
         self._stun: Stun | None = None
         self._stun_ids = itertools.count(1)
         self.stuns: deque[StunRecord] = deque(maxlen=64)
+        self._record_served({d.name: d.path for d in self.disks.values()})
 
     # --- the control protocol: one method per op ----------------------------------------------
 
@@ -197,6 +201,13 @@ class VM:
                 if disk.mirror.failed:
                     raise RequestError(f"switchover: disk {disk.name}: {disk.mirror.failed}")
             final = sum(self._final_copy(disk, deadline) for disk in mirroring)
+            # Durable before served (served.py): the sides are equal now and no request runs.
+            served = {d.name: d.mirror.dest.path if d in mirroring else d.path for d in self.disks.values()}
+            try:
+                self._record_served(served)
+            except OSError as err:
+                raise RequestError(f"switchover: cannot record the destination paths in "
+                                   f"{self.state_file}: {err.strerror}") from None
             for disk in mirroring:
                 disk.switch(reopen)
             stun.undo.clear()
@@ -235,6 +246,7 @@ class VM:
                     disk.finish()
                 if disk.name in paths:
                     disk.path = paths[disk.name]
+            self._record_served({d.name: d.path for d in self.disks.values()})
             return {"disks": [{"name": d.name, "path": d.path} for d in self.disks.values()]}
 
     # --- stun lifecycle -------------------------------------------------------------------------
@@ -345,6 +357,10 @@ class VM:
             except OSError as err:
                 raise RequestError(f"switchover: disk {disk.name}: flush: {err.strerror}") from None
         return progress.done_bytes
+
+    def _record_served(self, disks: dict[str, str]) -> None:
+        if self.state_file is not None:
+            write_record(self.state_file, self.name, disks)
 
     def handle(self, req: dict, conn: Connection) -> dict:
         """Dispatch one control request to its op_ method."""

@@ -43,7 +43,8 @@ def wait_plugin_unstunned(vm, timeout: float) -> float:
 
 
 def test_agent_sigkilled_while_stun_held(agent_vm, dest_dir: Path) -> None:
-    """Item 3: the mirror node releases the guest itself; a restarted agent removes the partial files."""
+    """Item 3: the mirror node releases the guest itself; a restarted agent resumes the migration
+    from the stun (issue 10: resume, not restart) and finishes it."""
     vm = agent_vm(n_disks=2, inject="hold:Unstun=30")
     writer = vm.writer()
     writer.start()
@@ -67,10 +68,16 @@ def test_agent_sigkilled_while_stun_held(agent_vm, dest_dir: Path) -> None:
     assert stun["duration_seconds"] <= LEASE + 0.5
     assert_on_intact_source(vm, writer, report)
     assert any(name.endswith(".svmotion-partial") for name in dest_files(dest_dir))
-    vm.start()                                 # a new agent adopts nbdkit and tidies up
-    last = vm.status()["last"]
-    assert last["state"] == "failed" and "interrupted" in last["error"]
+    vm.start()                                 # a new agent adopts nbdkit and goes on
+    last = vm.wait_done()
+    assert last["state"] == "success", last
+    assert any("resumed at Stun" in w for w in last["warnings"]), last["warnings"]
     assert not any(name.endswith(".svmotion-partial") for name in dest_files(dest_dir))
+    for name in vm.disks:
+        bad = writer.verify_image(name, dest_dir / f"{name}.raw")
+        assert not bad, f"{name}: {len(bad)} bad blocks on the destination, first {writer.describe(name, bad[0])}"
+    assert {d["name"]: d["path"] for d in vm.status()["disks"]} == \
+        {name: str(dest_dir / f"{name}.raw") for name in vm.disks}
 
 
 def test_hung_step_under_stun_lease_expires(agent_vm, dest_dir: Path) -> None:

@@ -1,0 +1,133 @@
+"""Resume, not restart (issue 10): an agent that dies mid-migration loses neither data nor copying.
+
+- Defect 1: an agent SIGKILLed at any step from the switchover stun to the end of Cleanup, then
+  restarted, must finish the migration on the destination, and a later SIGKILL of nbdkit must
+  bring the VM back on the destination too (the supervisor restarted it on the stale source,
+  losing what the guest had written since the switchover). Each step is reached with an
+  SVMOTION_INJECT hold point (agent/phases.py STEP_POINTS), so the kill lands exactly there.
+- An agent SIGKILLed halfway through the bulk copy goes on from the mirror node's dirty map:
+  the whole migration copies at most 1.1x the disk's data.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.writer import fill_pattern_image
+
+MiB = 1024 * 1024
+# Every step from the switchover stun to the end of Cleanup where the agent can die.
+KILL_POINTS = ["CopyDirtyData.stunned", "CopyDirtyData.switched", "CopyDirtyData.released",
+               "DiskCopyDone", "DiskCopyDone.renamed", "Complete", "Cleanup.finished", "Cleanup.done"]
+
+
+def wait_for_log(vm, text: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in vm.log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"the agent never logged {text!r}:\n{vm.log_text()}"
+        assert vm.proc.poll() is None, f"the agent exited:\n{vm.log_text()}"
+        time.sleep(0.02)
+
+
+def served_paths(vm) -> dict[str, str]:
+    return {d["name"]: d["path"] for d in vm.plugin("hello")["disks"]}
+
+
+def kill_nbdkit_and_wait_restart(vm, timeout: float = 20.0) -> None:
+    """SIGKILL the VM's nbdkit by its recorded pid; wait until the agent's supervisor restarted it."""
+    old = vm.nbdkit_pid()
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while True:
+        pid = vm.nbdkit_pid()
+        if pid not in (None, old) and vm.status()["nbdkit_up"]:
+            try:
+                vm.plugin("hello")
+                return
+            except (OSError, ValueError):
+                pass
+        assert time.monotonic() < deadline, f"nbdkit was not restarted:\n{vm.log_text()}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_agent_killed_after_the_switchover_step_finishes_on_the_destination(agent_vm, dest_dir: Path,
+                                                                            point: str) -> None:
+    vm = agent_vm(n_disks=2, size=16 * MiB, inject=f"hold:{point}=60")
+    finals = {name: str(dest_dir / f"{name}.raw") for name in vm.disks}
+    writer = vm.writer()
+    writer.start()
+    try:
+        started = vm.cli("migrate", vm.name, "--dest", str(dest_dir), "--no-wait")
+        assert started.returncode == 0, started.stderr
+        wait_for_log(vm, f"SVMOTION_INJECT hold at {point}")
+        vm.kill_agent()
+        time.sleep(0.3)              # the guest goes on writing while no agent runs
+        vm.start()                   # no injection now: the restarted agent resumes
+        last = vm.wait_done()
+        assert last["state"] == "success", last
+        assert any("resumed" in w for w in last["warnings"]), last["warnings"]
+        time.sleep(0.2)
+    finally:
+        report = writer.stop()
+    assert not report.errors, report.errors
+    assert served_paths(vm) == finals, "nbdkit does not serve the final destination names"
+    assert {d["name"]: d["path"] for d in vm.status()["disks"]} == finals
+    assert sorted(p.name for p in dest_dir.iterdir()) == sorted(
+        [f"{n}.raw" for n in vm.disks] + [f"{n}.ctk" for n in vm.disks] + ["vm1.nvram"])
+    # The defect: a restart of nbdkit now must come back on the destination, not the source.
+    kill_nbdkit_and_wait_restart(vm)
+    assert served_paths(vm) == finals
+    for name in vm.disks:
+        bad = writer.verify_image(name, finals[name])
+        assert not bad, f"{name}: {len(bad)} bad blocks, first {writer.describe(name, bad[0])}"
+
+
+@pytest.mark.slow
+def test_served_record_names_the_destination_before_the_guest_is_released(agent_vm, dest_dir: Path) -> None:
+    """Under the switchover stun, before unstun, the record nbdkit keeps already names the destination."""
+    vm = agent_vm(n_disks=1, size=8 * MiB, inject="hold:CopyDirtyData.switched=60")
+    started = vm.cli("migrate", vm.name, "--dest", str(dest_dir), "--no-wait")
+    assert started.returncode == 0, started.stderr
+    wait_for_log(vm, "SVMOTION_INJECT hold at CopyDirtyData.switched")
+    assert vm.plugin("status")["stun"] is not None, "the guest should still be held"
+    record = json.loads((vm.state / f"{vm.name}.served.json").read_text())
+    assert record["disks"] == {"disk0": str(dest_dir / "disk0.raw.svmotion-partial")}
+    assert (vm.state / f"{vm.name}.served.json").stat().st_mode & 0o777 == 0o600
+    vm.kill_agent()
+    vm.start()
+    assert vm.wait_done()["state"] == "success"
+
+
+def copied_bytes(vm) -> int:
+    return sum(sum(d["copied_bytes"].values()) for d in vm.plugin("status")["disks"].values())
+
+
+@pytest.mark.slow
+def test_agent_killed_halfway_through_the_bulk_copy_copies_at_most_1_1x(agent_vm, dest_dir: Path, testlib) -> None:
+    size = 32 * MiB
+    vm = agent_vm(n_disks=1, size=size, start=False)
+    fill_pattern_image(vm.disks["disk0"], "disk0", size)      # dense: every byte must be copied
+    vm.start()
+    started = vm.cli("migrate", vm.name, "--dest", str(dest_dir), "--rate", "8M", "--no-wait")
+    assert started.returncode == 0, started.stderr
+    deadline = time.monotonic() + 30
+    while copied_bytes(vm) < size // 2:
+        assert time.monotonic() < deadline, vm.log_text()
+        time.sleep(0.05)
+    vm.kill_agent()
+    at_kill = copied_bytes(vm)
+    assert at_kill < size, "the bulk copy finished before the kill; the test proves nothing"
+    vm.start()
+    last = vm.wait_done()
+    assert last["state"] == "success", last
+    assert any("resumed at DiskCopy" in w for w in last["warnings"]), last["warnings"]
+    total = copied_bytes(vm)
+    assert total <= 1.1 * size, f"copied {total} bytes for a {size}-byte disk ({total / size:.2f}x)"
+    assert testlib.same_content(vm.disks["disk0"], dest_dir / "disk0.raw") == []
