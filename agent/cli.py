@@ -26,6 +26,7 @@ from agent.plan import MIRROR_MODES, STRATEGIES, human_bytes
 from agent.progress import Progress, outcome_line, phase_table, render_line
 
 POLL_S = 0.25
+AGENT_RESTART_PATIENCE_S = 60.0
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|us)?\s*$", re.IGNORECASE)
 
@@ -83,16 +84,24 @@ class Duration(click.ParamType):
         return seconds
 
 
-def agent_call(ctx: click.Context, op: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
-    """One request to the agent; unreachable -> exit 4, refusal -> its own line and exit code."""
+def agent_call(ctx: click.Context, op: str, timeout: float = 30.0, patience: float = 0.0,
+               **args: Any) -> dict[str, Any]:
+    """One request to the agent; unreachable -> exit 4, refusal -> its own line and exit code.
+
+    `patience`: seconds to keep trying while the agent is unreachable (it may be restarting).
+    """
     path = ctx.obj["socket"]
-    try:
-        with JsonLinesClient(path, timeout=timeout) as client:
-            return client.call(op, **args)
-    except RemoteError as err:
-        die(SvmotionError(str(err.reply.get("error", err)), int(err.reply.get("exit", EXIT_INTERNAL))))
-    except (OSError, ConnectionError) as err:
-        die(AgentUnreachable(path, getattr(err, "strerror", None) or str(err)))
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            with JsonLinesClient(path, timeout=timeout) as client:
+                return client.call(op, **args)
+        except RemoteError as err:
+            die(SvmotionError(str(err.reply.get("error", err)), int(err.reply.get("exit", EXIT_INTERNAL))))
+        except (OSError, ConnectionError) as err:
+            if time.monotonic() >= deadline:
+                die(AgentUnreachable(path, getattr(err, "strerror", None) or str(err)))
+            time.sleep(POLL_S)
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -176,7 +185,9 @@ def wait_for(ctx: click.Context, vm: str, migration_id: str, progress: Progress,
     """Poll the agent until the migration ends; return its final record."""
     try:
         while True:
-            state = agent_call(ctx, "status", vm=vm, samples=with_samples)["vms"][0]
+            # An agent that restarts (systemd, an operator) resumes the migration: wait for it.
+            state = agent_call(ctx, "status", patience=AGENT_RESTART_PATIENCE_S, vm=vm,
+                               samples=with_samples)["vms"][0]
             running, last = state.get("migration"), state.get("last")
             if running and running["id"] == migration_id:
                 progress.update(running)

@@ -293,7 +293,8 @@ class Agent:
                 migration = self.migrations.get(vm.name)
             if migration is not None and not migration.finished:
                 try:
-                    migration.abort("nbdkit exited during the migration", failed=True)
+                    migration.abort(f"nbdkit exited during the migration (pid {node.pid}; its log: "
+                                    f"{node.log_file})", failed=True)
                 except Refused:
                     pass
                 migration.wait(ABORT_WAIT_S)

@@ -64,6 +64,8 @@ SAMPLE_INTERVAL_S = 0.25
 POLL_INTERVAL_S = 0.05
 MAX_SAMPLES = 20000
 SWITCHOVER_ATTEMPTS = 3
+# How long a job that lost its mirror node waits for the supervisor's word on why.
+NODE_VERDICT_WAIT_S = 3.0
 # Named steps where SVMOTION_INJECT can hold the job (see the module notes).
 STEP_POINTS = ("CopyDirtyData.stunned", "CopyDirtyData.switched", "CopyDirtyData.released",
                "DiskCopyDone.renamed", "Cleanup.finished", "Cleanup.done")
@@ -265,6 +267,11 @@ class Migration:
                 self._run_phase(phase, getattr(self, f"_phase_{phase}"))
         except Aborted:
             result, error = "failed" if self._abort_is_failure else "aborted", self._abort_reason
+        except NodeLost as err:
+            # The supervisor notices a dead nbdkit within a second and says so (abort): its
+            # verdict names the cause, where ours can only name the broken connection.
+            told = self._abort.wait(NODE_VERDICT_WAIT_S)
+            result, error = "failed", self._abort_reason if told else str(err)
         except (MigrationFailed, SvmotionError) as err:
             result, error = "failed", str(err)
         except RemoteError as err:
@@ -453,13 +460,14 @@ class Migration:
     def _finish_success(self) -> None:
         # After switchover the plugin's flush_dest has no mirror left to flush: make the
         # destination durable here, outside any stun, before the source may be deleted.
+        # Set first: whatever fails below, the destination is where the VM lives now.
+        self.new_paths = self.planned_paths()
         for disk in self.plan:
             fsync_file(disk.final)
         # `paths`: the files were renamed at DiskCopyDone; the plugin must reopen (legacy) and
         # report them by their final names. (An extension of the `finish` op; see the report.)
         self._call("finish", paths={d.name: d.final for d in self.plan})
         self._inject_at("Cleanup.finished")
-        self.new_paths = self.planned_paths()
         if self.options.delete_source:
             for path in [d.source for d in self.plan] + [s for s, _ in self.files] + \
                         [s for d in self.plan for s, _ in d.sidecars]:
@@ -475,7 +483,11 @@ class Migration:
         """Back to PASSTHROUGH on the intact source; delete everything created at the destination."""
         try:
             self._plugin_abort()
-        except (OSError, ValueError, RemoteError) as err:
+        except (OSError, ValueError) as err:
+            # No node to tell: a dead nbdkit took its mirror with it and restarts on the source.
+            self.warnings.append(f"the mirror node did not answer the abort "
+                                 f"({getattr(err, 'strerror', None) or err}); its mirror ended with it")
+        except RemoteError as err:
             # The stun (if any) ends with the connection or its lease; the mirror may stay
             # installed, writing to an unlinked file, until the agent's next abort.
             self.warnings.append(f"plugin abort failed: {err}")

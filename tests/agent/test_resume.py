@@ -115,16 +115,23 @@ def test_agent_killed_halfway_through_the_bulk_copy_copies_at_most_1_1x(agent_vm
     vm = agent_vm(n_disks=1, size=size, start=False)
     fill_pattern_image(vm.disks["disk0"], "disk0", size)      # dense: every byte must be copied
     vm.start()
-    started = vm.cli("migrate", vm.name, "--dest", str(dest_dir), "--rate", "8M", "--no-wait")
-    assert started.returncode == 0, started.stderr
-    deadline = time.monotonic() + 30
-    while copied_bytes(vm) < size // 2:
-        assert time.monotonic() < deadline, vm.log_text()
-        time.sleep(0.05)
-    vm.kill_agent()
-    at_kill = copied_bytes(vm)
-    assert at_kill < size, "the bulk copy finished before the kill; the test proves nothing"
-    vm.start()
+    # The CLI waits in the foreground and must ride out the agent's restart.
+    migrate = vm.cli_background("migrate", vm.name, "--dest", str(dest_dir), "--rate", "8M")
+    try:
+        deadline = time.monotonic() + 30
+        while copied_bytes(vm) < size // 2:
+            assert time.monotonic() < deadline, vm.log_text()
+            time.sleep(0.05)
+        vm.kill_agent()
+        at_kill = copied_bytes(vm)
+        assert at_kill < size, "the bulk copy finished before the kill; the test proves nothing"
+        vm.start()
+        out, err = migrate.communicate(timeout=120)
+    finally:
+        if migrate.poll() is None:
+            migrate.kill()
+            migrate.wait()
+    assert migrate.returncode == 0, out + err
     last = vm.wait_done()
     assert last["state"] == "success", last
     assert any("resumed at DiskCopy" in w for w in last["warnings"]), last["warnings"]

@@ -80,6 +80,20 @@ def test_nbdkit_dying_mid_migration_fails_it_and_rolls_back(agent_vm, dest_dir: 
         time.sleep(0.1)
 
 
+def test_nbdkit_dying_during_a_copy_pass_is_reported_as_nbdkit_exiting(agent_vm, dest_dir: Path) -> None:
+    """Defect 6 of issue 10: the CLI printed a raw BrokenPipeError when nbdkit died under a running pass."""
+    vm = agent_vm(n_disks=1)
+    migrate = vm.cli_background("migrate", vm.name, "--dest", str(dest_dir), "--rate", "2M")
+    vm.wait_phase("DiskCopy")
+    time.sleep(0.3)                  # the agent is polling the pass's status now
+    os.kill(vm.nbdkit_pid(), signal.SIGKILL)
+    out, err = migrate.communicate(timeout=60)
+    assert migrate.returncode == 5, out + err
+    assert "nbdkit exited" in err, err
+    for raw in ("BrokenPipeError", "ConnectionResetError", "ConnectionError", "Errno"):
+        assert raw not in err, err
+
+
 def test_vm_with_tcp_listen_serves_unix_and_tcp_through_a_migration(agent_vm, dest_dir: Path) -> None:
     """nbdkit takes -U or -p, not both: the supervisor hands it both listeners by socket activation."""
     port = free_tcp_port()
