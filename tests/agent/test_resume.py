@@ -138,3 +138,45 @@ def test_agent_killed_halfway_through_the_bulk_copy_copies_at_most_1_1x(agent_vm
     total = copied_bytes(vm)
     assert total <= 1.1 * size, f"copied {total} bytes for a {size}-byte disk ({total / size:.2f}x)"
     assert testlib.same_content(vm.disks["disk0"], dest_dir / "disk0.raw") == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["CopyDirtyData.switched", "DiskCopyDone.renamed", "Cleanup.finished"])
+def test_agent_and_nbdkit_killed_together_after_the_switchover_come_back_on_the_destination(
+        agent_vm, dest_dir: Path, point: str, testlib) -> None:
+    """Both processes gone at once (a host crash, short of the page cache): only the record nbdkit
+    wrote before serving the destination can say where the disks live."""
+    vm = agent_vm(n_disks=2, size=8 * MiB, inject=f"hold:{point}=60")
+    finals = {name: str(dest_dir / f"{name}.raw") for name in vm.disks}
+    started = vm.cli("migrate", vm.name, "--dest", str(dest_dir), "--no-wait")
+    assert started.returncode == 0, started.stderr
+    wait_for_log(vm, f"SVMOTION_INJECT hold at {point}")
+    nbdkit = vm.nbdkit_pid()
+    vm.kill_agent()
+    os.kill(nbdkit, signal.SIGKILL)
+    vm.start(wait_nbdkit=True)
+    last = vm.wait_done()
+    assert last["state"] == "success", last
+    assert vm.nbdkit_pid() != nbdkit
+    assert served_paths(vm) == finals
+    for name in vm.disks:
+        assert testlib.same_content(vm.disks[name], Path(finals[name])) == []
+
+
+@pytest.mark.slow
+def test_a_resumed_migration_can_be_aborted(agent_vm, dest_dir: Path, testlib) -> None:
+    vm = agent_vm(n_disks=1, size=32 * MiB)
+    started = vm.cli("migrate", vm.name, "--dest", str(dest_dir), "--rate", "1M", "--no-wait")
+    assert started.returncode == 0, started.stderr
+    vm.wait_phase("DiskCopy")
+    vm.kill_agent()
+    vm.start()
+    assert vm.status()["migration"]["phase"] in ("DiskCopy", "CopyDirtyInfo", "CopyDirtyData")
+    aborted = vm.cli("abort", vm.name)
+    assert aborted.returncode == 0, aborted.stderr
+    last = vm.status()["last"]
+    assert last["state"] == "aborted", last
+    assert sorted(p.name for p in dest_dir.iterdir()) == []
+    plugin = vm.plugin("status")
+    assert {d["state"] for d in plugin["disks"].values()} == {"passthrough"}
+    assert testlib.same_content(vm.disks["disk0"], vm.pristine["disk0"]) == []
