@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -53,8 +52,9 @@ from typing import Any, Callable
 from agent import metrics
 from agent.config import VmConfig
 from agent.errors import Refused, SvmotionError
+from agent.files import FileMirror, FileSync, FileUnstable
 from agent.jsonlines import JsonLinesClient, RemoteError
-from agent.plan import DiskPlan, MigrationOptions, file_stamp, human_bytes, partial_name, plan_migration
+from agent.plan import DiskPlan, MigrationOptions, human_bytes, partial_name, plan_migration
 
 log = logging.getLogger("svmotion.phases")
 
@@ -150,7 +150,7 @@ class Migration:
         self.last_status: dict[str, Any] | None = None
         self.new_paths: dict[str, Any] | None = None      # set at success: what the VM uses now
         self._created: list[str] = []                     # dest paths we made, for rollback
-        self._file_stamps: dict[str, tuple[int, int]] = {}
+        self._files: FileMirror | None = None             # per-VM files and sidecars (agent/files.py)
         self._ctl: JsonLinesClient | None = None
         self._stun_id: str | None = None
         self._stun_t0 = 0.0
@@ -383,19 +383,15 @@ class Migration:
                 os.close(fd)
 
     def _phase_FileCreate(self) -> None:
-        for source, final in self.files:
-            self._step(f"copy {os.path.basename(source)}", lambda s=source, f=final: self._copy_file(s, f))
+        self._sync_files("files_copy", [source for source, _ in self.files])
 
     def _phase_Stun(self) -> None:
         reply = self._call("stun", lease=self.vm.lease, kind="mirror_install")
         self._stun_id, self._stun_t0 = reply["stun_id"], time.monotonic()
         if self.options.strategy == "legacy":
             self._step("close_disks", lambda: self._call("close_disks", stun_id=self._stun_id))
-        # Per-VM files do not depend on disk state: their mirror is (re)installed here, i.e.
-        # a file that changed since FileCreate is copied again while the VM cannot change it.
-        for source, final in self.files:
-            if self._file_stamps.get(source) != file_stamp(source):
-                self._step(f"recopy {os.path.basename(source)}", lambda s=source, f=final: self._copy_file(s, f))
+        # Per-VM files do not depend on disk state, and the VM's writes to them do not pass this
+        # stun: the file mirror (copied at FileCreate) re-checks them at the switchover stun.
 
     def _phase_Unstun(self) -> None:
         for disk in self.plan:
@@ -404,8 +400,8 @@ class Migration:
             self._step(f"install_mirror {disk.name}",
                        lambda s=spec: self._call("install_mirror", stun_id=self._stun_id, disks=s))
             # Per-disk files open after the mirror of their disk is installed (seed: diskOpen()).
-            for source, final in disk.sidecars:
-                self._copy_file(source, final)
+            if disk.sidecars:
+                self._sync_files("files_copy", [source for source, _ in disk.sidecars])
         self._release_stun("mirror_install")
 
     def _phase_DiskCopy(self) -> None:
@@ -428,13 +424,21 @@ class Migration:
             metrics.set_predicted_stun(self.vm.name, self.predicted_switchover_stun_s)
             if self._switchover():
                 return
-            log.warning("vm %s: switchover attempt %d did not fit the lease; copying more first",
-                        self.vm.name, attempt)
-        raise MigrationFailed(f"switchover did not fit the {self.vm.lease} s lease in "
-                              f"{SWITCHOVER_ATTEMPTS} attempts; lower the guest write rate or raise the lease")
+            log.warning("vm %s: switchover attempt %d failed (%s); copying more first",
+                        self.vm.name, attempt, self.warnings[-1])
+        # The last warning is the last attempt's reason: the lease, or a file that kept changing.
+        raise MigrationFailed(f"switchover did not succeed in {SWITCHOVER_ATTEMPTS} attempts (last: "
+                              f"{self.warnings[-1].removeprefix('switchover: ')}); lower the guest write "
+                              f"rate or raise the lease")
 
     def _phase_DiskCopyDone(self) -> None:
-        # The destination is authoritative: give every object its final name.
+        # The destination is authoritative: give every object its final name. The file mirror
+        # wrote its copies without fsync (the last ones under the switchover stun): sync them now.
+        # A job resumed here copied none of them itself: sync every one not yet renamed.
+        resumed = self._resume_at == "DiskCopyDone"
+        for partial in self._file_mirror().partials(copied=not resumed):
+            if os.path.lexists(partial):
+                fsync_file(partial)
         for disk in self.plan:
             rename_partial(disk.partial, disk.final)
         self._inject_at("DiskCopyDone.renamed")
@@ -525,14 +529,28 @@ class Migration:
 
     # ---- helpers -------------------------------------------------------------------------------
 
-    def _copy_file(self, source: str, final: str) -> None:
-        dest = partial_name(final)
-        if dest not in self._created:
-            self._created.append(dest)
-        stamp = file_stamp(source)
-        shutil.copyfile(source, dest)
-        shutil.copymode(source, dest)
-        self._file_stamps[source] = stamp
+    def _file_mirror(self) -> FileMirror:
+        """The job's file mirror; a job resumed after FileCreate starts one that copies everything again."""
+        if self._files is None:
+            sidecars = [(s, f, f"sidecar of disk {d.name!r}") for d in self.plan for s, f in d.sidecars]
+            self._files = FileMirror([(s, f, "per-VM file") for s, f in self.files] + sidecars)
+        return self._files
+
+    def _sync_files(self, name: str, sources: list[str] | None = None) -> FileSync:
+        """A pass of the file mirror (all files by default), recorded in steps with its wall-clock window."""
+        for partial in self._file_mirror().partials(sources):
+            if partial not in self._created:
+                self._created.append(partial)
+        t0, started = time.monotonic(), time.time()
+        sync = self._file_mirror().sync(sources)
+        seconds, ended = time.monotonic() - t0, time.time()
+        step = {"name": name, "phase": self.phase, "seconds": seconds, "started": started, "ended": ended,
+                **sync.record()}
+        self.steps.append(step)
+        log.info("vm %s: %s: %s: %d files checked, %d copied%s in %.3f ms", self.vm.name, self.phase, name,
+                 step["checked"], step["copied"], f", unstable: {step['unstable']}" if sync.unstable else "",
+                 seconds * 1000)
+        return sync
 
     def _release_stun(self, kind: str) -> dict[str, Any]:
         reply = self._call("unstun", stun_id=self._stun_id)
@@ -621,15 +639,20 @@ class Migration:
                 f"or --stun-budget")
 
     def _switchover(self) -> bool:
-        """The switchover stun; False when the plugin could not finish inside the lease (nothing changed)."""
+        """The switchover stun; False when the plugin could not finish inside the lease or a file kept
+        changing under it (nothing changed)."""
         self._checkpoint()
+        self._sync_files("files_resync")      # outside the stun, so that the cut has little to copy
         reply = self._call("stun", lease=self.vm.lease, kind="switchover")
         self._stun_id, self._stun_t0 = reply["stun_id"], time.monotonic()
         self._inject_at("CopyDirtyData.stunned")
         try:
+            # The cut (agent/files.py): the files equal the source's now, or no switchover. A file
+            # that is gone raises FileMirrorError and the rollback aborts under this stun.
+            self._sync_files("files_cut").raise_if_unstable()
             done = self._call("switchover", stun_id=self._stun_id,
                               reopen=self.options.strategy == "legacy")
-        except RemoteError as err:
+        except (RemoteError, FileUnstable) as err:
             self.warnings.append(f"switchover: {err}")
             try:
                 self._release_stun("switchover")["outcome"] = "retry"

@@ -151,8 +151,3 @@ def check_free_space(dest: str, shown: str, sources: list[str]) -> None:
     if need > free:
         raise Refused(f"destination {shown!r} has {human_bytes(free)} free but the disks and files hold "
                       f"{human_bytes(need)}; free space there or choose another --dest")
-
-
-def file_stamp(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
