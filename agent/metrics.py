@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 DEFAULT_ADDR = "127.0.0.1:9815"
 
 PHASES = (
-    "Null", "DiskSetup", "DiskCreate", "FileCreate", "Stun", "Unstun", "DiskCopy",
+    "Null", "DiskSetup", "DiskCreate", "DiskLoad", "FileCreate", "Stun", "Unstun", "DiskCopy",
     "CopyDirtyInfo", "CopyDirtyData", "DiskCopyDone", "Complete", "Cleanup",
 )
 STUN_KINDS = ("mirror_install", "switchover")
@@ -221,7 +221,7 @@ def _plugin_families() -> dict[str, object]:
     vd = ["vm", "disk"]
     return {
         "copied": CounterMetricFamily(
-            "svmotion_copied_bytes", "Bytes copied to the destination by the copier, by kind.",
+            "svmotion_copied_bytes", "Bytes copied to the destination by the copier, by kind (bulk, dirty, load).",
             labels=vd + ["kind"]),
         "guest": CounterMetricFamily(
             "svmotion_guest_written_bytes", "Bytes written by the guest.", labels=vd),
@@ -254,6 +254,8 @@ def _add_disk(families: dict, vm: str, disk: str, status: dict) -> None:
     errors = [(key.split(":"), n) for key, n in sorted({**ZERO_ERRORS, **reported}.items())]
     for kind in ("bulk", "dirty"):
         families["copied"].add_metric([vm, disk, kind], float(copied[kind]))
+    if "load" in copied:   # DiskLoad's copies; a mirror node older than DiskLoad has none
+        families["copied"].add_metric([vm, disk, "load"], float(copied["load"]))
     families["guest"].add_metric([vm, disk], float(status["guest_written_bytes"]))
     families["dirtied"].add_metric([vm, disk], float(status["dirtied_bytes"]))
     families["dirty"].add_metric([vm, disk], float(status["dirty_bytes"]))

@@ -87,9 +87,13 @@ def phase_table(record: dict[str, Any]) -> str:
                      f"{stun.get('held_requests', 0)} held requests, {stun.get('outcome', '?')})")
     passes = [p for p in record.get("passes", []) if p.get("kind") == "dirty"]
     bulk = sum(p["bytes"] for p in record.get("passes", []) if p.get("kind") == "bulk")
-    lines.append(f"copied {human_bytes(bulk)} bulk, {human_bytes(sum(p['bytes'] for p in passes))} "
-                 f"in {len(passes)} dirty passes")
+    loads = [p for p in record.get("passes", []) if p.get("kind") == "load"]
+    first = (f"{human_bytes(sum(p['bytes'] for p in loads))} load (of "
+             f"{human_bytes(sum(p.get('compared_bytes', 0) for p in loads))} compared)" if loads
+             else f"{human_bytes(bulk)} bulk")
+    lines.append(f"copied {first}, {human_bytes(sum(p['bytes'] for p in passes))} in {len(passes)} dirty passes")
     return "\n".join(lines)
+
 
 
 def outcome_line(record: dict[str, Any]) -> str:
