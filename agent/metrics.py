@@ -46,6 +46,7 @@ PHASES = (
 )
 STUN_KINDS = ("mirror_install", "switchover")
 RESULTS = ("success", "aborted", "failed")
+VERIFY_RESULTS = ("match", "mismatch", "error")
 
 # 100 us .. 5 s: a stun is normally a few ms; anything near the 2 s lease is a failure.
 STUN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -95,6 +96,15 @@ class _AgentMetrics:
         self.migrations = Counter(
             "svmotion_migrations", "Migrations finished, by result.",
             ["vm", "result"], registry=registry)
+        self.verifications = Counter(
+            "svmotion_verifications", "Verifications of disks against a reference by per-chunk digests "
+            "(migrate --verify, svmotion verify), by result.", ["vm", "result"], registry=registry)
+        self.verified_bytes = Counter(
+            "svmotion_verified_bytes", "Bytes compared equal by verifications.", ["vm"], registry=registry)
+        self.verify_skipped_bytes = Counter(
+            "svmotion_verify_skipped_bytes",
+            "Bytes a verification skipped: rewritten by the guest since the switchover.",
+            ["vm"], registry=registry)
         self.nbdkit_up = Gauge(
             "svmotion_nbdkit_up", "1 when the VM's nbdkit answers its control socket.",
             ["vm"], registry=registry)
@@ -147,6 +157,10 @@ def _declare_vm(vm: str) -> None:
     """
     for result in RESULTS:
         _m.migrations.labels(vm=vm, result=result)
+    for result in VERIFY_RESULTS:
+        _m.verifications.labels(vm=vm, result=result)
+    _m.verified_bytes.labels(vm=vm)
+    _m.verify_skipped_bytes.labels(vm=vm)
     _m.passes.labels(vm=vm)
 
 
@@ -179,6 +193,15 @@ def count_migration(vm: str, result: str) -> None:
     """Count a finished migration: success, aborted or failed."""
     _check(result, RESULTS, "migration result")
     _m.migrations.labels(vm=vm, result=result).inc()
+
+
+def count_verification(vm: str, result: str, verified_bytes: int = 0, skipped_bytes: int = 0) -> None:
+    """Count one verification: match, mismatch or error, and the bytes it compared and skipped."""
+    _check(result, VERIFY_RESULTS, "verification result")
+    _declare_vm(vm)
+    _m.verifications.labels(vm=vm, result=result).inc()
+    _m.verified_bytes.labels(vm=vm).inc(verified_bytes)
+    _m.verify_skipped_bytes.labels(vm=vm).inc(skipped_bytes)
 
 
 def set_nbdkit_up(vm: str, up: bool) -> None:

@@ -13,15 +13,21 @@ Design notes
   | success  | switchover done; dest files renamed to DEST/<disk>.raw; finish    | 0         |
   | aborted  | abort() before switchover: plugin `abort`, dest files deleted     | 6         |
   | failed   | any error before switchover: same rollback as aborted             | 5         |
+  | failed   | after switchover, `--verify` found a difference (or could not     | 8         |
+  |          | compare): nothing is rolled back, the source is kept              |           |
 
   Before switchover the source is authoritative (invariant 1), so rollback is always possible
   and always the same: drop the mirror, delete what we created; except that when the mirror
   node died, the partial disks stay for the next migration to resume (agent/partial.py). After
   switchover the destination is authoritative and nothing is rolled back: a later error is kept
-  as a warning.
+  as a warning, and a failed verification fails the migration without undoing it.
 - DiskCreate / DiskLoad: a disk whose partial an earlier migration left at the destination (with
   a matching identity record) is not created but loaded: its first pass is a `load` pass that
   compares per-chunk digests and copies only the chunks that differ.
+- Verify (`--verify`, in Complete): after the switchover each destination is compared with its
+  frozen source by digests, skipping what the guest rewrote since (agent/verify.py); the
+  result is in the record (`verify`) and the metrics, and the source is deleted only after a
+  match.
 - The stun is a lease held by the engine's control connection. If this process dies, the plugin
   sees the connection close and rolls back at once; if the engine hangs, the lease expires.
   Nothing proportional to the data runs under a stun: the destination is flushed before the
@@ -50,6 +56,7 @@ from agent.errors import Refused, SvmotionError
 from agent.jsonlines import JsonLinesClient, RemoteError
 from agent.plan import DiskPlan, MigrationOptions, file_stamp, human_bytes, partial_name, plan_migration
 from agent.supervisor import process_start_time
+from agent.verify import VerifyError, verify_disks
 
 log = logging.getLogger("svmotion.phases")
 
@@ -135,6 +142,7 @@ class Migration:
         self._created: list[str] = []                     # dest paths we made, for rollback
         self._node: tuple[int, int | None] | None = None  # the mirror node's pid and start time
         self.kept_partials: list[str] = []                # partial disks kept for a resume
+        self.verification: dict[str, Any] | None = None   # `--verify`: agent/verify.py's record
         self._file_stamps: dict[str, tuple[int, int]] = {}
         self._ctl: JsonLinesClient | None = None
         self._stun_id: str | None = None
@@ -193,7 +201,7 @@ class Migration:
             "copy_rate_bps": self.copy_rate_bps,
             "predicted_switchover_stun_seconds": self.predicted_switchover_stun_s,
             "progress": progress_of(status, self.plan, self._copied_base),
-            "kept_partials": list(self.kept_partials),
+            "verify": self.verification, "kept_partials": list(self.kept_partials),
         }
         if sample_list is not None:
             out["samples"] = sample_list
@@ -231,6 +239,8 @@ class Migration:
         except Exception as err:
             log.exception("vm %s: cleanup failed", self.vm.name)
             self.warnings.append(f"cleanup: {type(err).__name__}: {err}")
+        if self.verification is not None and self.verification["result"] != "match":
+            result, error = "failed", self.verification["error"]
         self.state, self.error, self.ended = result, error, time.time()
         metrics.set_phase(self.vm.name, None)
         metrics.count_migration(self.vm.name, result)
@@ -395,12 +405,36 @@ class Migration:
         fsync_dir(self.options.dest)
 
     def _phase_Complete(self) -> None:
+        if self.options.verify:
+            self._step("verify", self._verify)
         first = sum(p["bytes"] for p in self.passes if p["kind"] in ("bulk", "load"))
         dirty = sum(p["bytes"] for p in self.passes if p["kind"] == "dirty")
         log.info("vm %s: complete: %s %s, dirty %s in %d passes, stuns %s", self.vm.name,
                  self.passes[0]["kind"] if self.passes else "bulk", human_bytes(first), human_bytes(dirty),
                  len(self.passes) - 1,
                  ", ".join(f"{s['kind']} {s['duration_seconds'] * 1000:.1f} ms" for s in self.stuns))
+
+    def _verify(self) -> None:
+        """Each destination against its frozen source, by digests (agent/verify.py); never raises."""
+        disks = [(d.name, d.source, d.size) for d in self.plan]
+        try:
+            record = verify_disks(self._call, disks, self.options.granularity)
+        except VerifyError as err:
+            record = {"result": "error", "first_mismatch": None, "verified_bytes": 0, "skipped_bytes": 0}
+            reason = str(err)
+        else:
+            bad = record["first_mismatch"]
+            reason = None if bad is None else (f"verification failed: disk {bad['disk']} differs from its source "
+                                               f"{bad['reference']} at offset {bad['offset']}")
+        if reason is not None:
+            # After switchover the destination is authoritative: nothing can be rolled back.
+            record["error"] = (f"{reason}; the VM runs on its destination since the switchover (not rolled "
+                               f"back) and its source is kept")
+        self.verification = record
+        metrics.count_verification(self.vm.name, record["result"], record["verified_bytes"],
+                                   record["skipped_bytes"])
+        log.log(logging.INFO if reason is None else logging.ERROR, "vm %s: verify: %s%s", self.vm.name,
+                record["result"], f": {reason}" if reason else "")
 
     # ---- the one exit path ---------------------------------------------------------------------
 
@@ -423,7 +457,11 @@ class Migration:
             "files": [f for _, f in self.files],
             "sidecars": {d.name: [f for _, f in d.sidecars] for d in self.plan},
         }
-        if self.options.delete_source:
+        # Verification comes first: a source that does not provably match is kept.
+        if self.options.verify and self.verification is None:
+            self.warnings.append("not verified (an error after the switchover, see above): the source is kept")
+        verified = not self.options.verify or (self.verification or {}).get("result") == "match"
+        if self.options.delete_source and verified:
             for path in [d.source for d in self.plan] + [s for s, _ in self.files] + \
                         [s for d in self.plan for s, _ in d.sidecars]:
                 try:

@@ -37,6 +37,7 @@ class MigrationOptions:
     stun_budget: float = 0.05        # seconds the switchover stun may take
     delete_source: bool = False
     max_passes: int = 10
+    verify: bool = False             # compare both sides by digests after the switchover
 
     @classmethod
     def from_request(cls, req: dict[str, Any]) -> "MigrationOptions":
@@ -71,6 +72,10 @@ class MigrationOptions:
                 raise bad("stun_budget", "seconds in (0, 10], e.g. 0.05")
             opts.stun_budget = float(budget)
         opts.delete_source = bool(req.get("delete_source", False))
+        verify = req.get("verify", False)
+        if not isinstance(verify, bool):
+            raise bad("verify", "true or false")
+        opts.verify = verify
         return opts
 
 
