@@ -90,7 +90,9 @@ def reusable(partial: str, wanted: Identity) -> Identity | None:
         return None
     fix = f"remove it and {identity_path(partial)!r}, or choose another --dest"
     found = read_identity(partial)
-    if not stat.S_ISREG(st.st_mode) or found is None:
+    if not stat.S_ISREG(st.st_mode):
+        raise Refused(f"destination file {partial!r} already exists and is not a regular file; {fix}")
+    if found is None:
         raise Refused(f"destination file {partial!r} already exists and has no svmotion identity record; {fix}")
     why = found.mismatch(wanted)
     if why is None and st.st_size != wanted.size:
