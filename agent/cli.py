@@ -6,7 +6,9 @@ Design notes
   with their exit code (docs/interfaces.md, section 5) and are printed as they are.
 - Other modules add their commands with `main.add_command(cmd)` (kernel attach, reports, bench).
 - `migrate` waits by default, drawing progress on stderr; the result goes to stdout (a table, or
-  the record as JSON with --json) and the exit code says how it ended (0, 5 failed, 6 aborted).
+  the record as JSON with --json) and the exit code says how it ended (0, 5 failed, 6 aborted,
+  8 verification failed after the switchover). `verify` waits for the agent's comparison and
+  exits 0 on a match, 8 otherwise.
 """
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ from typing import Any, Callable
 import click
 
 from agent.config import DEFAULT_AGENT_SOCKET, load_config
-from agent.errors import (EXIT_BY_RESULT, EXIT_INTERNAL, AgentUnreachable, SvmotionError, die)
+from agent.errors import (EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, AgentUnreachable, SvmotionError, die,
+                          exit_code_of)
 from agent.jsonlines import JsonLinesClient, RemoteError
 from agent.plan import MIRROR_MODES, STRATEGIES, human_bytes
 from agent.progress import Progress, outcome_line, phase_table, render_line
+from agent.verify import verify_line
 
 POLL_S = 0.25
 AGENT_RESTART_PATIENCE_S = 60.0
@@ -147,18 +151,25 @@ def agent_cmd(config_path: str) -> None:
               help="Dirty-map chunk size.")
 @click.option("--stun-budget", type=Duration(), default="50ms", show_default=True,
               help="The switchover stun to aim for: dirty passes repeat until the rest fits.")
-@click.option("--delete-source", is_flag=True, help="Delete the source files after a successful migration.")
+@click.option("--delete-source", is_flag=True, help="Delete the source files after a successful migration "
+              "(with --verify: only after a match).")
+@click.option("--verify", is_flag=True, help="After the switchover, compare each destination with its frozen source "
+              "by per-chunk digests (exit 8 on a difference).")
 @click.option("--no-wait", is_flag=True, help="Start the migration and return at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the migration record as JSON.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
               help="Write the full record (phases, stuns, passes, timeline samples) to this JSON file.")
 @click.pass_context
 def migrate(ctx: click.Context, vm: str, dest: str, strategy: str, rate: int, mirror: str, granularity: int,
-            stun_budget: float, delete_source: bool, no_wait: bool, as_json: bool, report_path: str | None) -> None:
-    """Migrate VM's disks to the directory DEST while it runs."""
+            stun_budget: float, delete_source: bool, verify: bool, no_wait: bool, as_json: bool,
+            report_path: str | None) -> None:
+    """Migrate VM's disks to the directory DEST while it runs.
+
+    Partial disks a migration to DEST left when its nbdkit died are resumed: only the chunks that
+    differ from the source are copied again."""
     reply = agent_call(ctx, "migrate", vm=vm, dest=os.path.abspath(dest), strategy=strategy, rate=rate,
                        mirror=mirror, granularity=granularity, stun_budget=stun_budget,
-                       delete_source=delete_source)
+                       delete_source=delete_source, verify=verify)
     record = reply["migration"]
     if no_wait:
         click.echo(json.dumps(record, indent=1) if as_json else
@@ -177,7 +188,7 @@ def migrate(ctx: click.Context, vm: str, dest: str, strategy: str, rate: int, mi
         click.echo(f"svmotion: warning: {warning}", err=True)
     if record["state"] != "success":
         click.echo(f"svmotion: error: {outcome_line(record)}", err=True)
-    sys.exit(EXIT_BY_RESULT.get(record["state"], EXIT_INTERNAL))
+    sys.exit(exit_code_of(record))
 
 
 def wait_for(ctx: click.Context, vm: str, migration_id: str, progress: Progress,
@@ -234,6 +245,31 @@ def abort(ctx: click.Context, vm: str) -> None:
     """Abort VM's migration: it goes on running on its intact source."""
     record = agent_call(ctx, "abort", vm=vm, timeout=60.0)["migration"]
     click.echo(outcome_line(record))
+
+
+@main.command("verify")
+@click.argument("vm")
+@click.option("--against", required=True, metavar="DIR",
+              help="Directory holding the reference disks as <disk>.raw, e.g. the source directory after a "
+                   "migration.")
+@click.option("--granularity", type=Size(minimum=4096, power_of_two=True), default="64K", show_default=True,
+              help="Chunk size of the digests (at most 64M).")
+@click.option("--json", "as_json", is_flag=True, help="Print the verification record as JSON.")
+@click.pass_context
+def verify_cmd(ctx: click.Context, vm: str, against: str, granularity: int, as_json: bool) -> None:
+    """Compare VM's disks, as served now, with DIR/<disk>.raw by per-chunk digests.
+
+    Chunks the guest rewrote since the VM's last switchover are skipped. Exit 0: they match;
+    8: they differ (the first differing disk and offset are printed)."""
+    if not against.strip():
+        die(SvmotionError(f"--against {against!r} is empty; give the directory holding <disk>.raw files",
+                          EXIT_USAGE))
+    record = agent_call(ctx, "verify", timeout=None, vm=vm, against=os.path.abspath(against),
+                        granularity=granularity)["verification"]
+    click.echo(json.dumps(record, indent=1) if as_json else f"{vm}: {verify_line(record)}")
+    if record["result"] != "match":
+        click.echo(f"svmotion: error: {vm}: {verify_line(record)}", err=True)
+    sys.exit(EXIT_OK if record["result"] == "match" else EXIT_VERIFY)
 
 
 @main.command()

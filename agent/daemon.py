@@ -2,8 +2,10 @@
 
 Design notes
 - The API (docs/interfaces.md, section 4) is a `ControlServer` on `[agent] socket`: ops
-  migrate, status, abort, shutdown. A refusal is a `RequestError` carrying `exit` (section 5), so
-  the CLI prints the agent's one line and exits with the agent's code.
+  migrate, status, abort, verify, shutdown. A refusal is a `RequestError` carrying `exit`
+  (section 5), so the CLI prints the agent's one line and exits with the agent's code.
+  `verify` runs in the API thread (the CLI waits); a VM being verified cannot start a
+  migration, nor the reverse.
 - State in state_dir, so the agent can die at any moment (even SIGKILL) and come back:
   `<vm>.pid` (the supervisor's), `<vm>.served.json` (where each disk lives, written by nbdkit
   itself before it serves a new place: nbd_plugin/served.py), `<vm>.paths.json` (where the
@@ -36,13 +38,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, metrics
+from agent import __version__, metrics, partial
 from agent.config import AgentConfig, VmConfig
 from agent.errors import EXIT_INTERNAL, EXIT_USAGE, ConfigError, Refused, SvmotionError
 from agent.jsonlines import JsonLinesClient, RemoteError
 from agent.phases import PHASES, Injection, Migration
 from agent.plan import PARTIAL_SUFFIX, MigrationOptions
 from agent.supervisor import Nbdkit
+from agent.verify import VerifyError, verify_disks
 from nbd_plugin.control import Connection, ControlServer, RequestError
 from nbd_plugin.served import read_record, resolve_renamed
 
@@ -78,11 +81,12 @@ class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
         self.nodes = {vm.name: Nbdkit(vm, config.state_dir) for vm in config.vms}
-        # This lock protects migrations, last and paths.
+        # This lock protects migrations, last, paths and verifying.
         self._lock = threading.Lock()
         self.migrations: dict[str, Migration] = {}
         self.last: dict[str, dict[str, Any]] = {}
         self.paths: dict[str, dict[str, Any]] = {}
+        self.verifying: set[str] = set()          # VMs an on-demand verification is reading
         self._stop = threading.Event()
         self._stop_vms = False
         self._server: ControlServer | None = None
@@ -199,6 +203,7 @@ class Agent:
         journal = read_json(self._state(vm.name, "migration.json"))
         if not journal:
             return
+        node_died = self._node_of(journal) is None
         try:
             resume_at = self._resume_point(vm, journal)
         except (OSError, ValueError, RemoteError, KeyError) as err:
@@ -206,7 +211,7 @@ class Agent:
         else:
             why = "nbdkit stopped too, and the mirror state with it"
         if resume_at is None:
-            self._fail_interrupted(vm, journal, why)
+            self._fail_interrupted(vm, journal, why, node_died)
             return
         log.warning("vm %s: resuming migration %s at %s (the agent stopped in %s)", vm.name,
                     journal["id"], resume_at, journal["phase"])
@@ -223,8 +228,8 @@ class Agent:
         served = self._served_disks(vm) or {}
         if any(served.get(name, source) != source for name, source in sources.items()):
             return "DiskCopyDone"        # nbdkit serves the destination: the switchover is done
-        node = self.nodes[vm.name]
-        if not node.alive() or journal.get("nbdkit") != node.identity():
+        node = self._node_of(journal)
+        if node is None:
             return None
         with node.client(timeout=10.0) as c:
             status = self._unstunned_status(c)
@@ -239,6 +244,11 @@ class Agent:
                 return "DiskCreate" if phase <= PHASES.index("FileCreate") else "Stun"
         raise ValueError(f"disk states {sorted(states)}")
 
+    def _node_of(self, journal: dict[str, Any]) -> Nbdkit | None:
+        """The VM's nbdkit if it is the very process that ran the journal's migration."""
+        node = self.nodes[journal["vm"]]
+        return node if node.alive() and journal.get("nbdkit") == node.identity() else None
+
     @staticmethod
     def _unstunned_status(c: JsonLinesClient) -> dict[str, Any]:
         """The node's status once no stun is held: a stun of the dead agent ends with its connection."""
@@ -249,7 +259,7 @@ class Agent:
                 return status
             time.sleep(0.05)
 
-    def _fail_interrupted(self, vm: VmConfig, journal: dict[str, Any], why: str) -> None:
+    def _fail_interrupted(self, vm: VmConfig, journal: dict[str, Any], why: str, node_died: bool) -> None:
         """Roll an interrupted migration back to the source, as any failure before switchover is."""
         log.warning("vm %s: migration %s cannot go on (%s); rolling it back", vm.name, journal.get("id"), why)
         try:
@@ -258,12 +268,16 @@ class Agent:
                     c.call("abort")
         except (OSError, ValueError, RemoteError) as err:
             log.error("vm %s: cannot roll back the interrupted migration: %s", vm.name, err)
-        for path in journal.get("created", []):
-            if path.endswith(PARTIAL_SUFFIX) and os.path.lexists(path):
-                os.unlink(path)
+        created = journal.get("created", [])
+        # As the job's own rollback decides (phases.py _roll_back): a dead node's partial disks
+        # stay for the next migration's DiskLoad; everything else goes.
+        kept = partial.kept_after_failure(created, mirror_node_died=node_died)
+        for path in created:
+            if path.endswith(PARTIAL_SUFFIX) and path not in kept:
+                partial.discard(path)
         record = {"id": journal.get("id"), "vm": vm.name, "state": "failed", "phase": "Cleanup",
                   "error": f"interrupted: the agent stopped during the migration and {why}",
-                  "warnings": ["recovered by a restarted agent"]}
+                  "warnings": ["recovered by a restarted agent"], "kept_partials": sorted(kept)}
         with self._lock:
             self.last[vm.name] = record
         os.unlink(self._state(vm.name, "migration.json"))
@@ -321,10 +335,11 @@ class Agent:
 
     def handle(self, request: dict[str, Any], conn: Connection) -> dict[str, Any]:
         op = request["op"]
-        handler = {"migrate": self.op_migrate, "status": self.op_status,
-                   "abort": self.op_abort, "shutdown": self.op_shutdown}.get(op)
+        handler = {"migrate": self.op_migrate, "status": self.op_status, "abort": self.op_abort,
+                   "verify": self.op_verify, "shutdown": self.op_shutdown}.get(op)
         if handler is None:
-            raise RequestError(f"unknown op {op!r}: use migrate, status, abort or shutdown", exit=EXIT_USAGE)
+            raise RequestError(f"unknown op {op!r}: use migrate, status, abort, verify or shutdown",
+                               exit=EXIT_USAGE)
         try:
             return handler(request)
         except SvmotionError as err:
@@ -364,6 +379,8 @@ class Agent:
             if current is not None and not current.finished:
                 raise Refused(f"VM {vm.name!r} is already migrating (migration {current.id}); "
                               f"wait for it or run `svmotion abort {vm.name}`")
+            if vm.name in self.verifying:
+                raise Refused(f"VM {vm.name!r} is being verified (svmotion verify); migrate when it ends")
             self.migrations[vm.name] = migration
         migration.start()
         log.info("vm %s: migration %s to %s started (%s, mirror %s)", vm.name, migration.id,
@@ -372,7 +389,8 @@ class Agent:
 
     def _migration_done(self, migration: Migration) -> None:
         name = migration.vm.name
-        if migration.state == "success" and migration.new_paths is not None:
+        # new_paths is set once the switchover is done: also when a verification failed after it.
+        if migration.new_paths is not None:
             self._save_paths(name, migration.new_paths)
         with self._lock:
             self.last[name] = migration.to_dict(samples=True)
@@ -412,11 +430,63 @@ class Agent:
                                 f"{ABORT_WAIT_S:.0f} s (phase {migration.phase}); see the agent's log")
         return {"migration": migration.to_dict(samples=False)}
 
+    def op_verify(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Compare the VM's disks as served with AGAINST/<disk>.raw by digests (agent/verify.py)."""
+        vm = self._vm(request)
+        against, granularity = request.get("against"), request.get("granularity", 64 * 1024)
+        if not isinstance(against, str) or not against:
+            raise SvmotionError(f"bad against {against!r}: give the directory holding the reference disks "
+                                f"as <disk>.raw, e.g. --against /var/lib/vm1", EXIT_USAGE)
+        if isinstance(granularity, bool) or not isinstance(granularity, int) or granularity & (granularity - 1) \
+                or not 4096 <= granularity <= 64 << 20:
+            raise SvmotionError(f"bad granularity {granularity!r}: a power of two from 4K to 64M, e.g. 64K",
+                                EXIT_USAGE)
+        if not os.path.isdir(against):
+            raise Refused(f"--against {against!r} is not a directory; give the directory holding the "
+                          f"reference disks as <disk>.raw")
+        node = self.nodes[vm.name]
+        if not node.alive():
+            raise Refused(f"the mirror node of VM {vm.name!r} is not running; see {node.log_file}")
+        with self._lock:
+            migration = self.migrations.get(vm.name)
+            if migration is not None and not migration.finished:
+                raise Refused(f"VM {vm.name!r} is migrating (migration {migration.id}, phase {migration.phase}); "
+                              f"verify after it ends")
+            if vm.name in self.verifying:
+                raise Refused(f"VM {vm.name!r} is already being verified; wait for it")
+            self.verifying.add(vm.name)
+        try:
+            with node.client(timeout=60.0) as c:
+                disks = [(d["name"], reference_of(against, d), int(d["size"])) for d in c.call("hello")["disks"]]
+                try:
+                    record = verify_disks(c.call, disks, granularity)
+                except VerifyError:
+                    metrics.count_verification(vm.name, "error")
+                    raise
+        finally:
+            with self._lock:
+                self.verifying.discard(vm.name)
+        metrics.count_verification(vm.name, record["result"], record["verified_bytes"], record["skipped_bytes"])
+        log.info("vm %s: verify against %s: %s", vm.name, against, record["result"])
+        return {"verification": {"vm": vm.name, "against": against, **record}}
+
     def op_shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
         # The reply goes out before the agent stops: run() does the stopping.
         self._stop_vms = bool(request.get("stop_vms", False))
         self._stop.set()
         return {"stopping": True, "stop_vms": self._stop_vms}
+
+
+def reference_of(against: str, disk: dict[str, Any]) -> str:
+    """AGAINST/<disk>.raw for a disk of `hello`; refused when missing or the served file itself."""
+    path = os.path.join(against, f"{disk['name']}.raw")
+    if not os.path.isfile(path):
+        raise Refused(f"reference {path!r} for disk {disk['name']!r} is missing; --against needs a "
+                      f"<disk>.raw for every disk of the VM")
+    if os.path.exists(disk["path"]) and os.path.samefile(path, disk["path"]):
+        raise Refused(f"reference {path!r} is the disk {disk['name']!r} itself; give the directory of "
+                      f"another copy, e.g. the source directory after a migration")
+    return path
 
 
 def strip_samples(record: dict[str, Any]) -> dict[str, Any]:

@@ -20,8 +20,17 @@ EXIT_UNREACHABLE = 4   # agent unreachable
 EXIT_FAILED = 5        # migration failed; the workload runs on its intact source
 EXIT_ABORTED = 6       # migration aborted; the workload runs on its intact source
 EXIT_CONFIG = 7        # bad configuration file (agent)
+EXIT_VERIFY = 8        # verification failed: the sides differ or could not be compared
 
 EXIT_BY_RESULT = {"success": EXIT_OK, "failed": EXIT_FAILED, "aborted": EXIT_ABORTED}
+
+
+def exit_code_of(record: dict) -> int:
+    """A finished migration record's exit code: a failed verification (after switchover) is 8, not 5."""
+    verify = record.get("verify") or {}
+    if record.get("state") == "failed" and verify.get("result") not in (None, "match"):
+        return EXIT_VERIFY
+    return EXIT_BY_RESULT.get(record.get("state"), EXIT_INTERNAL)
 
 
 class SvmotionError(Exception):

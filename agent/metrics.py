@@ -41,11 +41,12 @@ log = logging.getLogger(__name__)
 DEFAULT_ADDR = "127.0.0.1:9815"
 
 PHASES = (
-    "Null", "DiskSetup", "DiskCreate", "FileCreate", "Stun", "Unstun", "DiskCopy",
+    "Null", "DiskSetup", "DiskCreate", "DiskLoad", "FileCreate", "Stun", "Unstun", "DiskCopy",
     "CopyDirtyInfo", "CopyDirtyData", "DiskCopyDone", "Complete", "Cleanup",
 )
 STUN_KINDS = ("mirror_install", "switchover")
 RESULTS = ("success", "aborted", "failed")
+VERIFY_RESULTS = ("match", "mismatch", "error")
 
 # 100 us .. 5 s: a stun is normally a few ms; anything near the 2 s lease is a failure.
 STUN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -95,6 +96,15 @@ class _AgentMetrics:
         self.migrations = Counter(
             "svmotion_migrations", "Migrations finished, by result.",
             ["vm", "result"], registry=registry)
+        self.verifications = Counter(
+            "svmotion_verifications", "Verifications of disks against a reference by per-chunk digests "
+            "(migrate --verify, svmotion verify), by result.", ["vm", "result"], registry=registry)
+        self.verified_bytes = Counter(
+            "svmotion_verified_bytes", "Bytes compared equal by verifications.", ["vm"], registry=registry)
+        self.verify_skipped_bytes = Counter(
+            "svmotion_verify_skipped_bytes",
+            "Bytes a verification skipped: rewritten by the guest since the switchover.",
+            ["vm"], registry=registry)
         self.nbdkit_up = Gauge(
             "svmotion_nbdkit_up", "1 when the VM's nbdkit answers its control socket.",
             ["vm"], registry=registry)
@@ -147,6 +157,10 @@ def _declare_vm(vm: str) -> None:
     """
     for result in RESULTS:
         _m.migrations.labels(vm=vm, result=result)
+    for result in VERIFY_RESULTS:
+        _m.verifications.labels(vm=vm, result=result)
+    _m.verified_bytes.labels(vm=vm)
+    _m.verify_skipped_bytes.labels(vm=vm)
     _m.passes.labels(vm=vm)
 
 
@@ -179,6 +193,15 @@ def count_migration(vm: str, result: str) -> None:
     """Count a finished migration: success, aborted or failed."""
     _check(result, RESULTS, "migration result")
     _m.migrations.labels(vm=vm, result=result).inc()
+
+
+def count_verification(vm: str, result: str, verified_bytes: int = 0, skipped_bytes: int = 0) -> None:
+    """Count one verification: match, mismatch or error, and the bytes it compared and skipped."""
+    _check(result, VERIFY_RESULTS, "verification result")
+    _declare_vm(vm)
+    _m.verifications.labels(vm=vm, result=result).inc()
+    _m.verified_bytes.labels(vm=vm).inc(verified_bytes)
+    _m.verify_skipped_bytes.labels(vm=vm).inc(skipped_bytes)
 
 
 def set_nbdkit_up(vm: str, up: bool) -> None:
@@ -221,7 +244,7 @@ def _plugin_families() -> dict[str, object]:
     vd = ["vm", "disk"]
     return {
         "copied": CounterMetricFamily(
-            "svmotion_copied_bytes", "Bytes copied to the destination by the copier, by kind.",
+            "svmotion_copied_bytes", "Bytes copied to the destination by the copier, by kind (bulk, dirty, load).",
             labels=vd + ["kind"]),
         "guest": CounterMetricFamily(
             "svmotion_guest_written_bytes", "Bytes written by the guest.", labels=vd),
@@ -254,6 +277,8 @@ def _add_disk(families: dict, vm: str, disk: str, status: dict) -> None:
     errors = [(key.split(":"), n) for key, n in sorted({**ZERO_ERRORS, **reported}.items())]
     for kind in ("bulk", "dirty"):
         families["copied"].add_metric([vm, disk, kind], float(copied[kind]))
+    if "load" in copied:   # DiskLoad's copies; a mirror node older than DiskLoad has none
+        families["copied"].add_metric([vm, disk, "load"], float(copied["load"]))
     families["guest"].add_metric([vm, disk], float(status["guest_written_bytes"]))
     families["dirtied"].add_metric([vm, disk], float(status["dirtied_bytes"]))
     families["dirty"].add_metric([vm, disk], float(status["dirty_bytes"]))

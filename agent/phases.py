@@ -13,10 +13,21 @@ Design notes
   | success  | switchover done; dest files renamed to DEST/<disk>.raw; finish    | 0         |
   | aborted  | abort() before switchover: plugin `abort`, dest files deleted     | 6         |
   | failed   | any error before switchover: same rollback as aborted             | 5         |
+  | failed   | after switchover, `--verify` found a difference (or could not     | 8         |
+  |          | compare): nothing is rolled back, the source is kept              |           |
 
   Before switchover the source is authoritative (invariant 1), so rollback is always possible
-  and always the same: drop the mirror, delete what we created. After switchover the destination
-  is authoritative and nothing is rolled back: a later error is kept as a warning.
+  and always the same: drop the mirror, delete what we created; except that when the mirror
+  node died, the partial disks stay for the next migration to resume (agent/partial.py). After
+  switchover the destination is authoritative and nothing is rolled back: a later error is kept
+  as a warning, and a failed verification fails the migration without undoing it.
+- DiskCreate / DiskLoad: a disk whose partial an earlier migration left at the destination (with
+  a matching identity record) is not created but loaded: its first pass is a `load` pass that
+  compares per-chunk digests and copies only the chunks that differ.
+- Verify (`--verify`, in Complete): after the switchover each destination is compared with its
+  frozen source by digests, skipping what the guest rewrote since (agent/verify.py); the
+  result is in the record (`verify`) and the metrics, and the source is deleted only after a
+  match.
 - The stun is a lease held by the engine's control connection. If this process dies, the plugin
   sees the connection close and rolls back at once; if the engine hangs, the lease expires.
   Nothing proportional to the data runs under a stun: the destination is flushed before the
@@ -49,16 +60,18 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from agent import metrics
+from agent import metrics, partial
 from agent.config import VmConfig
 from agent.errors import Refused, SvmotionError
 from agent.files import FileMirror, FileSync, FileUnstable
 from agent.jsonlines import JsonLinesClient, RemoteError
 from agent.plan import DiskPlan, MigrationOptions, human_bytes, partial_name, plan_migration
+from agent.supervisor import process_start_time
+from agent.verify import VerifyError, verify_disks
 
 log = logging.getLogger("svmotion.phases")
 
-PHASES = ("Null", "DiskSetup", "DiskCreate", "FileCreate", "Stun", "Unstun", "DiskCopy",
+PHASES = ("Null", "DiskSetup", "DiskCreate", "DiskLoad", "FileCreate", "Stun", "Unstun", "DiskCopy",
           "CopyDirtyInfo", "CopyDirtyData", "DiskCopyDone", "Complete", "Cleanup")
 SAMPLE_INTERVAL_S = 0.25
 POLL_INTERVAL_S = 0.05
@@ -151,6 +164,9 @@ class Migration:
         self.new_paths: dict[str, Any] | None = None      # set at success: what the VM uses now
         self._created: list[str] = []                     # dest paths we made, for rollback
         self._files: FileMirror | None = None             # per-VM files and sidecars (agent/files.py)
+        self._node: tuple[int, int | None] | None = None  # the mirror node's pid and start time
+        self.kept_partials: list[str] = []                # partial disks kept for a resume
+        self.verification: dict[str, Any] | None = None   # `--verify`: agent/verify.py's record
         self._ctl: JsonLinesClient | None = None
         self._stun_id: str | None = None
         self._stun_t0 = 0.0
@@ -183,7 +199,7 @@ class Migration:
                 "plan": [asdict(d) for d in self.plan], "files": self.files, "created": self._to_remove(),
                 "new_paths": self.planned_paths(), "phases": self.phases, "stuns": self.stuns,
                 "passes": self.passes, "steps": self.steps, "warnings": self.warnings,
-                "copy_rate_bps": self.copy_rate_bps}
+                "copy_rate_bps": self.copy_rate_bps, "node": self._node, "verify": self.verification}
 
     @classmethod
     def from_journal(cls, vm: VmConfig, connect: Callable[[], JsonLinesClient], journal: dict[str, Any],
@@ -191,12 +207,16 @@ class Migration:
         """The job a dead agent was running, to go on at phase `resume_at`."""
         m = cls(vm, connect, {}, MigrationOptions(**journal["options"]), **kwargs)
         m.id, m.started, m._copied_base = journal["id"], journal["started"], journal["copied_base"]
-        m.plan = [DiskPlan(**{**d, "sidecars": [tuple(s) for s in d["sidecars"]]}) for d in journal["plan"]]
+        m.plan = [DiskPlan(**{**d, "sidecars": [tuple(s) for s in d["sidecars"]],
+                              "resume": partial.Identity(**d["resume"]) if d.get("resume") else None})
+                  for d in journal["plan"]]
         m.files = [tuple(f) for f in journal["files"]]
         m._created = list(journal["created"])
         for key in ("phases", "stuns", "passes", "steps", "warnings"):
             setattr(m, key, list(journal.get(key) or []))
         m.copy_rate_bps = journal.get("copy_rate_bps")
+        m._node = tuple(journal["node"]) if journal.get("node") else None
+        m.verification = journal.get("verify")
         m._switched = resume_at in PHASES[PHASES.index("DiskCopyDone"):]
         m._resume_at = resume_at
         m.warnings.append(f"resumed at {resume_at} by a restarted agent (it stopped in {journal['phase']})")
@@ -242,12 +262,14 @@ class Migration:
             "error": self.error, "warnings": list(self.warnings),
             "started": self.started, "ended": self.ended,
             "options": asdict(self.options),
-            "disks": [{"name": d.name, "source": d.source, "dest": d.final, "size": d.size} for d in self.plan],
+            "disks": [{"name": d.name, "source": d.source, "dest": d.final, "size": d.size,
+                       "resumed_from": d.resume.migration if d.resume else None} for d in self.plan],
             "phases": list(self.phases), "stuns": list(self.stuns), "passes": list(self.passes),
             "steps": list(self.steps),
             "copy_rate_bps": self.copy_rate_bps,
             "predicted_switchover_stun_seconds": self.predicted_switchover_stun_s,
             "progress": progress_of(status, self.plan, self._copied_base),
+            "verify": self.verification, "kept_partials": list(self.kept_partials),
         }
         if sample_list is not None:
             out["samples"] = sample_list
@@ -290,6 +312,8 @@ class Migration:
         except Exception as err:
             log.exception("vm %s: cleanup failed", self.vm.name)
             self.warnings.append(f"cleanup: {type(err).__name__}: {err}")
+        if self.verification is not None and self.verification["result"] != "match":
+            result, error = "failed", self.verification["error"]
         self.state, self.error, self.ended = result, error, time.time()
         metrics.set_phase(self.vm.name, None)
         metrics.count_migration(self.vm.name, result)
@@ -371,7 +395,12 @@ class Migration:
             raise MigrationFailed(f"disks not in passthrough state: {busy}; abort the earlier migration first")
 
     def _phase_DiskCreate(self) -> None:
+        # Who serves the disks: if this process dies, the partial disks are worth keeping.
+        pid = int(self._call("hello")["pid"])
+        self._node = (pid, process_start_time(pid))
         for disk in self.plan:
+            if disk.resume is not None:
+                continue                        # DiskLoad opens it
             if disk.partial in self._created and _is_partial_of(disk.partial, disk.size):
                 continue      # made by this very job before its agent died (resume)
             mode = os.stat(disk.source).st_mode & 0o777
@@ -381,6 +410,20 @@ class Migration:
                 os.ftruncate(fd, disk.size)     # sparse: the copier skips holes
             finally:
                 os.close(fd)
+            partial.write_identity(disk.partial, disk.identity(self.vm.name, self.id, self.options.granularity))
+
+    def _phase_DiskLoad(self) -> None:
+        """Take over the partial disks an earlier migration left, after checking them again."""
+        for disk in self.plan:
+            if disk.resume is None:
+                continue
+            found = partial.reusable(disk.partial, disk.identity(self.vm.name, "", self.options.granularity))
+            if found is None:
+                raise MigrationFailed(f"partial disk {disk.partial!r} to resume has gone; migrate again")
+            self._created.append(disk.partial)
+            partial.write_identity(disk.partial, disk.identity(self.vm.name, self.id, self.options.granularity))
+            log.info("vm %s: disk %s resumes from %s of migration %s", self.vm.name, disk.name,
+                     disk.partial, found.migration)
 
     def _phase_FileCreate(self) -> None:
         self._sync_files("files_copy", [source for source, _ in self.files])
@@ -405,8 +448,11 @@ class Migration:
         self._release_stun("mirror_install")
 
     def _phase_DiskCopy(self) -> None:
-        result = self._copy_pass("bulk")
-        self._measure_rate(result)
+        kinds = {d.name: "load" if d.resume is not None else "bulk" for d in self.plan}
+        result = self._copy_pass("load" if "load" in kinds.values() else "bulk", kinds)
+        if result["kind"] == "bulk":
+            # A load pass mostly reads and compares: its copied bytes per second are no copy rate.
+            self._measure_rate(result)
 
     def _phase_CopyDirtyInfo(self) -> None:
         status = self._status()
@@ -441,17 +487,43 @@ class Migration:
                 fsync_file(partial)
         for disk in self.plan:
             rename_partial(disk.partial, disk.final)
+            partial.discard(disk.partial)       # its identity record: nothing is partial any more
         self._inject_at("DiskCopyDone.renamed")
         for source, final in self.files + [s for d in self.plan for s in d.sidecars]:
             rename_partial(partial_name(final), final)
         fsync_dir(self.options.dest)
 
     def _phase_Complete(self) -> None:
-        bulk = sum(p["bytes"] for p in self.passes if p["kind"] == "bulk")
+        if self.options.verify:
+            self._step("verify", self._verify)
+        first = sum(p["bytes"] for p in self.passes if p["kind"] in ("bulk", "load"))
         dirty = sum(p["bytes"] for p in self.passes if p["kind"] == "dirty")
-        log.info("vm %s: complete: bulk %s, dirty %s in %d passes, stuns %s", self.vm.name,
-                 human_bytes(bulk), human_bytes(dirty), len(self.passes) - 1,
+        log.info("vm %s: complete: %s %s, dirty %s in %d passes, stuns %s", self.vm.name,
+                 self.passes[0]["kind"] if self.passes else "bulk", human_bytes(first), human_bytes(dirty),
+                 len(self.passes) - 1,
                  ", ".join(f"{s['kind']} {s['duration_seconds'] * 1000:.1f} ms" for s in self.stuns))
+
+    def _verify(self) -> None:
+        """Each destination against its frozen source, by digests (agent/verify.py); never raises."""
+        disks = [(d.name, d.source, d.size) for d in self.plan]
+        try:
+            record = verify_disks(self._call, disks, self.options.granularity)
+        except VerifyError as err:
+            record = {"result": "error", "first_mismatch": None, "verified_bytes": 0, "skipped_bytes": 0}
+            reason = str(err)
+        else:
+            bad = record["first_mismatch"]
+            reason = None if bad is None else (f"verification failed: disk {bad['disk']} differs from its source "
+                                               f"{bad['reference']} at offset {bad['offset']}")
+        if reason is not None:
+            # After switchover the destination is authoritative: nothing can be rolled back.
+            record["error"] = (f"{reason}; the VM runs on its destination since the switchover (not rolled "
+                               f"back) and its source is kept")
+        self.verification = record
+        metrics.count_verification(self.vm.name, record["result"], record["verified_bytes"],
+                                   record["skipped_bytes"])
+        log.log(logging.INFO if reason is None else logging.ERROR, "vm %s: verify: %s%s", self.vm.name,
+                record["result"], f": {reason}" if reason else "")
 
     # ---- the one exit path ---------------------------------------------------------------------
 
@@ -472,7 +544,11 @@ class Migration:
         # report them by their final names. (An extension of the `finish` op; see the report.)
         self._call("finish", paths={d.name: d.final for d in self.plan})
         self._inject_at("Cleanup.finished")
-        if self.options.delete_source:
+        # Verification comes first: a source that does not provably match is kept.
+        if self.options.verify and self.verification is None:
+            self.warnings.append("not verified (an error after the switchover, see above): the source is kept")
+        verified = not self.options.verify or (self.verification or {}).get("result") == "match"
+        if self.options.delete_source and verified:
             for path in [d.source for d in self.plan] + [s for s, _ in self.files] + \
                         [s for d in self.plan for s, _ in d.sidecars]:
                 try:
@@ -484,7 +560,8 @@ class Migration:
         self._inject_at("Cleanup.done")
 
     def _roll_back(self, error: str | None) -> None:
-        """Back to PASSTHROUGH on the intact source; delete everything created at the destination."""
+        """Back to PASSTHROUGH on the intact source; delete what we created at the destination,
+        but for the partial disks of a migration whose mirror node died (agent/partial.py)."""
         try:
             self._plugin_abort()
         except (OSError, ValueError) as err:
@@ -495,13 +572,22 @@ class Migration:
             # The stun (if any) ends with the connection or its lease; the mirror may stay
             # installed, writing to an unlinked file, until the agent's next abort.
             self.warnings.append(f"plugin abort failed: {err}")
+        keep = partial.kept_after_failure(self._created, self._mirror_node_died())
         for path in reversed(self._created):
+            if path in keep:
+                continue
             try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+                partial.discard(path)
             except OSError as err:
                 self.warnings.append(f"remove {path}: {err.strerror}")
+        self.kept_partials = [p for p in self._created if p in keep]
+        if self.kept_partials:
+            log.warning("vm %s: the mirror node died; keeping %s for the next migration to %s to resume",
+                        self.vm.name, ", ".join(self.kept_partials), self.options.dest)
+
+    def _mirror_node_died(self) -> bool:
+        """Whether the nbdkit that served this migration is gone (the supervisor restarts it after us)."""
+        return self._node is not None and process_start_time(self._node[0]) != self._node[1]
 
     def _plugin_abort(self) -> None:
         """`abort` under our stun if we hold one (it may have expired: then without it)."""
@@ -573,12 +659,20 @@ class Migration:
         self._remember(status)
         return status
 
-    def _copy_pass(self, kind: str) -> dict[str, Any]:
-        """Run one copier pass over every mirroring disk and wait for it (a cancel point)."""
+    def _copy_pass(self, kind: str, per_disk: dict[str, str] | None = None) -> dict[str, Any]:
+        """Run one copier pass over every mirroring disk and wait for it (a cancel point).
+
+        `per_disk` ({disk: kind}): disks whose pass kind differs (DiskCopy loads resumed disks)."""
         before = self._status()
         dirty_before = total_dirty(before)
         t0 = time.monotonic()
-        self._call("copy", kind=kind, rate=self.options.rate)
+        if per_disk and len(set(per_disk.values())) > 1:
+            # The rate is for all disks together, as in one `copy`.
+            share = max(1, self.options.rate // len(per_disk)) if self.options.rate else 0
+            for name, disk_kind in per_disk.items():
+                self._call("copy", kind=disk_kind, disk=name, rate=share)
+        else:
+            self._call("copy", kind=kind, rate=self.options.rate)
         while True:
             if self._abort.is_set():
                 self._call("copy_cancel")
@@ -589,11 +683,14 @@ class Migration:
                 break
         seconds = time.monotonic() - t0
         done = sum(copy_of(d)["done_bytes"] for d in status["disks"].values())
+        compared = sum(copy_of(d).get("compared_bytes") or 0 for d in status["disks"].values())
         errors = sorted({copy_of(d)["error"] for d in status["disks"].values() if copy_of(d).get("error")})
         errors += sorted({f"disk {n}: mirror failed: {d['mirror_failed']}"
                           for n, d in status["disks"].items() if d.get("mirror_failed")})
         result = {"n": len(self.passes), "kind": kind, "bytes": done, "seconds": seconds,
                   "dirty_before": dirty_before, "dirty_after": total_dirty(status), "errors": errors}
+        if kind == "load":
+            result["compared_bytes"] = compared
         self.passes.append(result)
         log.info("vm %s: %s pass %d: %s in %.3f s, %s dirty remain%s", self.vm.name, kind, result["n"],
                  human_bytes(done), seconds, human_bytes(result["dirty_after"]),

@@ -7,6 +7,8 @@ Design notes
   (exit 3) happens before anything is created, so "refused" always means "nothing changed".
 - Every object goes to `DEST/<name>` and lives there as `<name>.svmotion-partial` until
   DiskCopyDone: an interrupted migration never leaves a file that looks complete.
+- A partial disk already at the destination is resumed (DiskLoad) when its identity record
+  matches this migration's disk, and refused otherwise (agent/partial.py).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 
 from agent.config import VmConfig
 from agent.errors import EXIT_USAGE, Refused, SvmotionError
+from agent.partial import Identity, reusable
 
 STRATEGIES = ("optimized", "legacy")
 MIRROR_MODES = ("sync", "dirty")
@@ -34,6 +37,7 @@ class MigrationOptions:
     stun_budget: float = 0.05        # seconds the switchover stun may take
     delete_source: bool = False
     max_passes: int = 10
+    verify: bool = False             # compare both sides by digests after the switchover
 
     @classmethod
     def from_request(cls, req: dict[str, Any]) -> "MigrationOptions":
@@ -68,6 +72,10 @@ class MigrationOptions:
                 raise bad("stun_budget", "seconds in (0, 10], e.g. 0.05")
             opts.stun_budget = float(budget)
         opts.delete_source = bool(req.get("delete_source", False))
+        verify = req.get("verify", False)
+        if not isinstance(verify, bool):
+            raise bad("verify", "true or false")
+        opts.verify = verify
         return opts
 
 
@@ -81,6 +89,12 @@ class DiskPlan:
     partial: str
     final: str
     sidecars: list[tuple[str, str]] = field(default_factory=list)   # (source, dest final)
+    resume: Identity | None = None    # the partial disk found at the destination, to DiskLoad
+
+    def identity(self, vm: str, migration: str, granularity: int) -> Identity:
+        """The identity record of this disk's partial when `migration` makes or reuses it."""
+        return Identity(vm=vm, disk=self.name, source=os.path.realpath(self.source), size=self.size,
+                        migration=migration, granularity=granularity)
 
 
 def partial_name(final: str) -> str:
@@ -107,9 +121,9 @@ def plan_migration(vm: VmConfig, paths: dict[str, Any], hello: dict[str, Any],
     plan: list[DiskPlan] = []
     claimed: set[str] = set()
 
-    def target(source: str, name: str) -> str:
+    def target(source: str, name: str, resumable: bool = False) -> str:
         final = os.path.join(dest, name)
-        for path in (final, partial_name(final)):
+        for path in (final,) if resumable else (final, partial_name(final)):
             if os.path.lexists(path):
                 raise Refused(f"destination file {path!r} already exists; remove it or choose another --dest")
         if final in claimed:
@@ -131,8 +145,10 @@ def plan_migration(vm: VmConfig, paths: dict[str, Any], hello: dict[str, Any],
             raise Refused(f"the mirror node does not serve disk {disk.name!r}; restart the agent")
         side_sources = paths["sidecars"].get(disk.name, list(disk.sidecars))
         plan.append(DiskPlan(name=disk.name, source=source, size=sizes[disk.name],
-                             partial="", final=target(source, f"{disk.name}.raw")))
+                             partial="", final=target(source, f"{disk.name}.raw", resumable=True)))
         plan[-1].partial = partial_name(plan[-1].final)
+        wanted = plan[-1].identity(vm.name, "", options.granularity)
+        plan[-1].resume = reusable(plan[-1].partial, wanted)
         plan[-1].sidecars = [(existing(s, f"sidecar of disk {disk.name!r}"), "") for s in side_sources]
     for disk in plan:
         disk.sidecars = [(s, target(s, os.path.basename(s))) for s, _ in disk.sidecars]

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from agent.phases import PHASES
 from agent.plan import human_bytes
+from agent.verify import verify_line
 
 BAR_WIDTH = 28
 PLAIN_INTERVAL_S = 2.0
@@ -87,14 +88,22 @@ def phase_table(record: dict[str, Any]) -> str:
                      f"{stun.get('held_requests', 0)} held requests, {stun.get('outcome', '?')})")
     passes = [p for p in record.get("passes", []) if p.get("kind") == "dirty"]
     bulk = sum(p["bytes"] for p in record.get("passes", []) if p.get("kind") == "bulk")
-    lines.append(f"copied {human_bytes(bulk)} bulk, {human_bytes(sum(p['bytes'] for p in passes))} "
-                 f"in {len(passes)} dirty passes")
+    loads = [p for p in record.get("passes", []) if p.get("kind") == "load"]
+    first = (f"{human_bytes(sum(p['bytes'] for p in loads))} load (of "
+             f"{human_bytes(sum(p.get('compared_bytes', 0) for p in loads))} compared)" if loads
+             else f"{human_bytes(bulk)} bulk")
+    lines.append(f"copied {first}, {human_bytes(sum(p['bytes'] for p in passes))} in {len(passes)} dirty passes")
+    if record.get("verify"):
+        lines.append(verify_line(record["verify"]))
     return "\n".join(lines)
+
 
 
 def outcome_line(record: dict[str, Any]) -> str:
     """One line saying how the migration ended and where the VM runs now."""
     vm, state = record.get("vm", "?"), record.get("state", "?")
+    if (record.get("verify") or {}).get("result") not in (None, "match"):
+        return f"{vm}: migration {state}: {record.get('error')}"   # the error says where the VM runs
     if state == "success":
         dests = ", ".join(d["dest"] for d in record.get("disks", []))
         return f"{vm}: migrated; its disks are now {dests}"

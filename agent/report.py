@@ -7,6 +7,8 @@ Design notes
   accepted too. What this module reads of it (everything else is ignored):
 
       {vm, state, error, options: {strategy, mirror, ...},
+       passes:  [{kind (bulk, load, dirty), bytes, compared_bytes (load)}],
+       verify:  null or {result, first_mismatch, verified_bytes, skipped_bytes, ...},
        phases:  [{name, started (unix s), seconds}],
        stuns:   [{kind, started (unix s), duration_seconds, max_wait_seconds, ...}],
        started (unix s),
@@ -26,6 +28,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+from agent.verify import verify_line
 
 SAMPLE_KEYS = ("t", "phase", "dirty_bytes", "copied_bytes", "guest_written_bytes")
 MIB = float(1 << 20)
@@ -113,6 +117,12 @@ def summary(record: dict[str, Any]) -> str:
         lines.append(f"  {phase.get('name', '?'):<14} {float(phase.get('seconds', 0)):9.3f} s")
     for _, kind, duration, wait in stun_times(record):
         lines.append(f"  stun {kind:<15} {duration * 1000:8.2f} ms (guest max wait {wait * 1000:.2f} ms)")
+    for p in record.get("passes") or []:
+        if p.get("kind") == "load":
+            lines.append(f"  load pass: {float(p.get('compared_bytes') or 0) / MIB:.1f} MiB compared, "
+                         f"{float(p.get('bytes') or 0) / MIB:.1f} MiB copied (resumed partial disks)")
+    if record.get("verify"):
+        lines.append(f"  {verify_line(record['verify'])}")
     last = record["samples"][-1]
     lines.append(f"  copied {float(last['copied_bytes']) / MIB:.1f} MiB, guest wrote "
                  f"{float(last['guest_written_bytes']) / MIB:.1f} MiB, "

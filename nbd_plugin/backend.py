@@ -68,9 +68,9 @@ class FileBackend:
     Example: `FileBackend("/var/lib/vm1/disk0.raw").pread(buf, 0)`
     """
 
-    def __init__(self, path: str, create_size: int | None = None):
+    def __init__(self, path: str, create_size: int | None = None, readonly: bool = False):
         self.path = path
-        flags = os.O_RDWR | os.O_CLOEXEC
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
         if create_size is not None:
             flags |= os.O_CREAT | os.O_EXCL
         self.fd = os.open(path, flags, 0o600)

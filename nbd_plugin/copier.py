@@ -24,6 +24,15 @@ Design notes
   dirty limit would throttle every writer on the host, the guest's source writes included.
 - The switchover's last copy is the same loop run synchronously under the stun, with a deadline
   instead of a rate, so the stun never outlives its lease.
+- A load pass (DiskLoad: the destination is a partial disk an earlier migration left) is the
+  bulk copy's alternative: the same walk and the same runs under the same chunk locks, but a run
+  compares the per-chunk digests of the destination and of the source (nbd_plugin/digest.py)
+  and copies only the chunks that differ. Why the destination's old content is what it compares
+  against: a new mirror starts all dirty, and the sync mirror writes nothing to the destination
+  for a dirty chunk, so until the load pass reaches a chunk only the failed migration wrote it.
+  Guest writes to a run wait for it (chunk locks), exactly as for a copied run; a chunk compared
+  equal is from then on a copied chunk. The two digest calls stay separate so that a remote
+  destination can compute its side where its data is.
 """
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .backend import FileBackend, copy_range
+from .digest import byte_ranges, chunk_digests, differing
 from .mirror import Mirror
 from .priority import lower_this_thread
 from .stats import DiskStats
@@ -41,6 +51,7 @@ from .stats import DiskStats
 DATA_RUN_BYTES = 1 << 20
 WRITE_BEHIND_BYTES = 16 << 20
 MAX_CONSECUTIVE_ERRORS = 8
+COPY_KINDS = ("bulk", "dirty", "load")
 
 
 class DeadlineExceeded(Exception):
@@ -52,6 +63,7 @@ class PassProgress:
     kind: str
     total_bytes: int
     done_bytes: int = 0
+    compared_bytes: int = 0          # load passes: bytes whose digests were compared
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     error: str | None = None
@@ -59,7 +71,7 @@ class PassProgress:
     def as_dict(self, running: bool) -> dict[str, Any]:
         elapsed = (self.finished or time.monotonic()) - self.started
         return {"running": running, "kind": self.kind, "done_bytes": self.done_bytes,
-                "total_bytes": self.total_bytes,
+                "compared_bytes": self.compared_bytes, "total_bytes": self.total_bytes,
                 "rate_bps": self.done_bytes / elapsed if elapsed > 0 else 0.0, "error": self.error}
 
 
@@ -83,27 +95,48 @@ class WriteBehind:
             self.dest.write_back(old_offset, old_count)
 
 
+def carry(source: FileBackend, dest: FileBackend, offset: int, count: int) -> int:
+    """Make dest's range equal to source's: data copied, holes punched; return the data bytes copied."""
+    copied = 0
+    for seg_off, seg_len, is_data in source.segments(offset, count):
+        if is_data:
+            copy_range(source, dest, seg_off, seg_len)
+            copied += seg_len
+        else:
+            for d_off, d_len, d_data in dest.segments(seg_off, seg_len):
+                if d_data:
+                    dest.trim(d_len, d_off)
+    return copied
+
+
 def copy_run(source: FileBackend, mirror: Mirror, first: int, last: int) -> int:
     """Copy chunks first..last to the destination; return the data bytes copied."""
     dmap = mirror.map
-    offset = first << dmap.shift
-    count = dmap.chunk_bytes(first, last)
+    with mirror.locks.hold(first, last):
+        dmap.clear(first, last)
+        try:
+            return carry(source, mirror.dest, first << dmap.shift, dmap.chunk_bytes(first, last))
+        except BaseException:
+            dmap.mark(first, last)
+            raise
+
+
+def load_run(source: FileBackend, mirror: Mirror, first: int, last: int) -> tuple[int, int]:
+    """Compare chunks first..last of both sides by digest, copy those that differ; (compared, copied) bytes."""
+    dmap = mirror.map
+    offset, count = first << dmap.shift, dmap.chunk_bytes(first, last)
     copied = 0
     with mirror.locks.hold(first, last):
         dmap.clear(first, last)
         try:
-            for seg_off, seg_len, is_data in source.segments(offset, count):
-                if is_data:
-                    copy_range(source, mirror.dest, seg_off, seg_len)
-                    copied += seg_len
-                else:
-                    for d_off, d_len, d_data in mirror.dest.segments(seg_off, seg_len):
-                        if d_data:
-                            mirror.dest.trim(d_len, d_off)
+            theirs = chunk_digests(mirror.dest, offset, count, dmap.granularity)
+            ours = chunk_digests(source, offset, count, dmap.granularity)
+            for d_off, d_len in byte_ranges(differing(ours, theirs), offset, count, dmap.granularity):
+                copied += carry(source, mirror.dest, d_off, d_len)
         except BaseException:
             dmap.mark(first, last)
             raise
-    return copied
+    return count, copied
 
 
 def next_run(source: FileBackend, mirror: Mirror, chunk: int) -> int:
@@ -136,7 +169,11 @@ def copy_pass(source: FileBackend, mirror: Mirror, stats: DiskStats, progress: P
             raise DeadlineExceeded(f"{mirror.map.dirty_bytes()} bytes still dirty at the deadline")
         last = next_run(source, mirror, chunk)
         try:
-            copied = copy_run(source, mirror, chunk, last)
+            if progress.kind == "load":
+                compared, copied = load_run(source, mirror, chunk, last)
+                progress.compared_bytes += compared
+            else:
+                copied = copy_run(source, mirror, chunk, last)
         except OSError as err:
             stats.error("dest", "copy")
             failures += 1

@@ -16,6 +16,13 @@ Design notes
   state, without a lock on the hot path.
 - Errors: an OSError of the source is the guest's error (counted as source:op); destination
   errors are the mirror's business and never reach the guest.
+- Rewritten since switchover: from the switchover until the next mirror install, `rewritten`
+  (a DirtyMap at the mirror's granularity, all clean at first) records every chunk a guest update
+  touched, marked BEFORE the update is issued. A verification (`digests`) reads a chunk and only
+  then checks its bit: if what it read holds a guest write, that write was issued after its
+  mark, so the chunk is reported skipped; a chunk whose bit is still clear after the read holds
+  what the switchover left there. Bits are only ever set, so the check needs no lock.
+  Not kept across an nbdkit restart (`tracked: false` then).
 """
 from __future__ import annotations
 
@@ -26,6 +33,8 @@ from typing import Any, Callable
 
 from .backend import FileBackend
 from .copier import CopyJob
+from .digest import chunk_digests
+from .dirtymap import DirtyMap
 from .mirror import Mirror
 from .stats import DiskStats
 
@@ -45,6 +54,7 @@ class Disk:
         self.state = PASSTHROUGH
         self.mirror: Mirror | None = None
         self.copy_job: CopyJob | None = None
+        self.rewritten: DirtyMap | None = None     # chunks the guest updated since the switchover
         self.stats = DiskStats()
 
     # --- data path: one method per NBD op ---------------------------------------------------
@@ -70,7 +80,9 @@ class Disk:
     def _update(self, op: str, on_source: SideOp, on_dest: SideOp, offset: int, count: int,
                 fua: bool) -> None:
         """Route one guest update: to the source alone, or through the mirror while MIRRORING."""
-        primary, mirror = self._open(), self.mirror
+        primary, mirror, rewritten = self._open(), self.mirror, self.rewritten
+        if rewritten is not None:
+            _note_rewrite(rewritten, offset, count)
         try:  # passthrough (the common case) calls the source directly, no closure in between
             if mirror is None:
                 on_source(primary)
@@ -130,6 +142,7 @@ class Disk:
         if self.primary is None:
             self.primary = FileBackend(self.path)
         self.mirror = Mirror(dest, mode, granularity, self.size, pool, self.stats)
+        self.rewritten = None
         self.state = MIRRORING
 
     def drop_mirror(self) -> None:
@@ -151,6 +164,7 @@ class Disk:
             dest.flush()
             dest.close()
             dest = FileBackend(dest.path)
+        self.rewritten = DirtyMap(self.size, self.mirror.map.granularity, all_dirty=False)
         self.primary = dest
         self.path = dest.path
         self.mirror = None
@@ -175,6 +189,22 @@ class Disk:
     def copying(self) -> bool:
         return self.copy_job is not None and self.copy_job.running
 
+    def digests(self, offset: int, count: int, granularity: int) -> tuple[bytes, list[int], bool]:
+        """Digests of the disk as served, the chunks rewritten since the switchover, whether tracked.
+
+        The caller keeps the disk's files from changing (the VM's control lock)."""
+        blob = chunk_digests(self._open(), offset, count, granularity)
+        # Only now, after the read, the bits: see the module notes (rewritten since switchover).
+        rewritten = self.rewritten
+        if rewritten is None or not rewritten.dirty_count():
+            return blob, [], rewritten is not None
+        skipped = []
+        for index, start in enumerate(range(offset, offset + count, granularity)):
+            first, last = rewritten.chunk_range(start, min(granularity, offset + count - start))
+            if rewritten.any_dirty(first, last):
+                skipped.append(index)
+        return blob, skipped, True
+
     def status(self) -> dict[str, Any]:
         mirror = self.mirror
         return {
@@ -195,3 +225,12 @@ class Disk:
             self.mirror.close()
         if self.primary is not None:
             self.primary.close()
+
+
+def _note_rewrite(rewritten: DirtyMap, offset: int, count: int) -> None:
+    """Mark an update's chunks in the rewritten map (a one-chunk update already marked costs one test)."""
+    if count <= 0:
+        return
+    first, last = rewritten.chunk_range(offset, count)
+    if first != last or not rewritten.is_dirty(first):
+        rewritten.mark(first, last)

@@ -41,7 +41,7 @@ class DiskStats:
         self._shards: dict[int, _WriteShard] = {}  # thread ident -> that thread's guest writes
         self.dirtied_bytes = 0
         self.dest_written_bytes = 0
-        self.copied_bytes = {"bulk": 0, "dirty": 0}
+        self.copied_bytes = {"bulk": 0, "dirty": 0, "load": 0}
         self.errors: dict[str, int] = {}
 
     def guest_write(self, nbytes: int, seconds: float) -> None:

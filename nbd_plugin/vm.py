@@ -11,6 +11,8 @@ Design notes
   is never taken on the data path: the gate alone keeps guest IO away from state changes.
   The lease can be overrun only by a control step already running when it fires; the steps
   proportional to data (the switchover's last copy) carry the lease deadline and give up at it.
+  A `digest` request holds the lock for its read too (bounded: MAX_DIGEST_BYTES; the agent asks
+  for a few MiB at a time), so that no stun step closes or replaces a file it is reading.
 - Stun strategies, from the seed: optimized = stun, install the mirror on the open disks,
   unstun. legacy = stun, close every disk (flush + close), reopen each with the mirror
   installed during open, unstun. The agent picks by calling `close_disks` or not.
@@ -28,7 +30,7 @@ from typing import Any, Callable
 
 from .backend import FileBackend, write_back_in_slices
 from .control import Connection, RequestError
-from .copier import DeadlineExceeded, PassProgress, copy_pass
+from .copier import COPY_KINDS, DeadlineExceeded, PassProgress, copy_pass
 from .disk import CLOSED, MIRRORING, PASSTHROUGH, SWITCHED, Disk
 from .gate import DrainTimeout, StunGate
 from .mirror import MODES
@@ -36,6 +38,8 @@ from .priority import run_in_background
 from .served import write_record
 
 PROTOCOL_VERSION = 1
+MAX_DIGEST_BYTES = 64 << 20      # one digest request reads at most this much, under the control lock
+MAX_DIGEST_CHUNKS = 1 << 16
 STUN_KINDS = ("mirror_install", "switchover", "abort", "other")
 
 
@@ -151,8 +155,8 @@ class VM:
 
     def op_copy(self, req: dict, conn: Connection) -> dict:
         kind = req.get("kind", "bulk")
-        if kind not in ("bulk", "dirty"):
-            raise RequestError(f"copy: kind {kind!r} is not bulk or dirty")
+        if kind not in COPY_KINDS:
+            raise RequestError(f"copy: kind {kind!r} is not {', '.join(COPY_KINDS)}")
         rate = int(_number(req, "rate", 0, low=0, high=1 << 50))
         disks = self._selected(req, "copy")
         with self._control:
@@ -185,6 +189,28 @@ class VM:
                 disk.stats.error("dest", "flush")
                 raise RequestError(f"flush_dest: disk {disk.name}: {err.strerror}") from None
         return {"seconds": time.monotonic() - start}
+
+    def op_digest(self, req: dict, conn: Connection) -> dict:
+        """Per-chunk digests of a range of a disk as served, and its chunks rewritten since switchover."""
+        disk = self._disk_named(req)
+        granularity = _integer(req, "granularity", 65536, 1, MAX_DIGEST_BYTES)
+        if granularity & (granularity - 1):
+            raise RequestError(f"digest: granularity {granularity} must be a power of two")
+        offset = _integer(req, "offset", 0, 0, disk.size)
+        count = _integer(req, "count", min(disk.size - offset, MAX_DIGEST_BYTES), 0, MAX_DIGEST_BYTES)
+        if offset % granularity or offset + count > disk.size:
+            raise RequestError(f"digest: range {offset}+{count} must start at a multiple of the "
+                               f"granularity {granularity} and end by the disk's size {disk.size}")
+        if count > granularity * MAX_DIGEST_CHUNKS:
+            raise RequestError(f"digest: {count} bytes are more than {MAX_DIGEST_CHUNKS} chunks of "
+                               f"{granularity}; ask for less or a larger granularity")
+        with self._control:   # no stun step may close or replace the disk's files meanwhile
+            try:
+                blob, skipped, tracked = run_in_background(
+                    lambda: disk.digests(offset, count, granularity), f"digest-{disk.name}")
+            except OSError as err:
+                raise RequestError(f"digest: disk {disk.name}: {_reason(err)}") from None
+        return {"digests": blob.hex(), "skipped": skipped, "tracked": tracked}
 
     def op_switchover(self, req: dict, conn: Connection) -> dict:
         reopen = bool(req.get("reopen", False))
@@ -330,6 +356,15 @@ class VM:
             raise RequestError(f"install_mirror: disk {name}: the destination is the source itself")
         return disk, spec["dest"], mode, granularity
 
+    def _disk_named(self, req: dict) -> Disk:
+        name = req.get("disk")
+        disk = self.disks.get(name) if isinstance(name, str) else None
+        if disk is None:
+            raise RequestError(f"{req['op']}: unknown disk {name!r}; this VM has {', '.join(self.disks)}")
+        if disk.primary is None:
+            raise RequestError(f"{req['op']}: disk {disk.name} is {disk.state}")
+        return disk
+
     def _selected(self, req: dict, op: str) -> list[Disk]:
         name = req.get("disk")
         if name is None:
@@ -382,6 +417,13 @@ def _number(req: dict, key: str, default: float, low: float, high: float) -> flo
     value = req.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise RequestError(f"{req['op']}: {key} {value!r} must be a number from {low} to {high}")
+    return value
+
+
+def _integer(req: dict, key: str, default: int, low: int, high: int) -> int:
+    value = req.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise RequestError(f"{req['op']}: {key} {value!r} must be an integer from {low} to {high}")
     return value
 
 

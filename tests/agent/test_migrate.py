@@ -53,7 +53,7 @@ def test_migration_under_writer(agent_vm, dest_dir: Path, tmp_path: Path, strate
         assert not bad, f"{d}: {len(bad)} bad blocks, first {writer.describe(d, bad[0])}"
     # The record: every phase of the seed, in order, and both stuns, logged with durations.
     names = [p["name"] for p in record["phases"]]
-    assert names == ["Null", "DiskSetup", "DiskCreate", "FileCreate", "Stun", "Unstun", "DiskCopy",
+    assert names == ["Null", "DiskSetup", "DiskCreate", "DiskLoad", "FileCreate", "Stun", "Unstun", "DiskCopy",
                      "CopyDirtyInfo", "CopyDirtyData", "DiskCopyDone", "Complete", "Cleanup"]
     kinds = [s["kind"] for s in record["stuns"] if s.get("outcome") == "released"]
     assert kinds == ["mirror_install", "switchover"]

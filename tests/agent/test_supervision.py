@@ -66,6 +66,8 @@ def test_bad_injection_is_refused(agent_vm) -> None:
 
 
 def test_nbdkit_dying_mid_migration_fails_it_and_rolls_back(agent_vm, dest_dir: Path) -> None:
+    """The VM goes back to its source; the partial disk stays, with its identity record, for the
+    next migration to resume (tests/agent/test_resume.py); per-VM files and sidecars are removed."""
     vm = agent_vm(n_disks=1, inject="pause:DiskCopy")
     migrate = vm.cli_background("migrate", vm.name, "--dest", str(dest_dir))
     vm.wait_phase("DiskCopy")
@@ -73,7 +75,8 @@ def test_nbdkit_dying_mid_migration_fails_it_and_rolls_back(agent_vm, dest_dir: 
     out, err = migrate.communicate(timeout=60)
     assert migrate.returncode == 5, out + err
     assert "nbdkit exited" in err
-    assert sorted(p.name for p in dest_dir.iterdir()) == []
+    assert sorted(p.name for p in dest_dir.iterdir()) == ["disk0.raw.svmotion-partial",
+                                                          "disk0.raw.svmotion-partial.json"]
     deadline = time.monotonic() + 15
     while not vm.status()["nbdkit_up"]:
         assert time.monotonic() < deadline, vm.log_text()
