@@ -482,9 +482,9 @@ class Migration:
         # wrote its copies without fsync (the last ones under the switchover stun): sync them now.
         # A job resumed here copied none of them itself: sync every one not yet renamed.
         resumed = self._resume_at == "DiskCopyDone"
-        for partial in self._file_mirror().partials(copied=not resumed):
-            if os.path.lexists(partial):
-                fsync_file(partial)
+        for copy in self._file_mirror().partials(copied=not resumed):
+            if os.path.lexists(copy):
+                fsync_file(copy)
         for disk in self.plan:
             rename_partial(disk.partial, disk.final)
             partial.discard(disk.partial)       # its identity record: nothing is partial any more
@@ -624,9 +624,9 @@ class Migration:
 
     def _sync_files(self, name: str, sources: list[str] | None = None) -> FileSync:
         """A pass of the file mirror (all files by default), recorded in steps with its wall-clock window."""
-        for partial in self._file_mirror().partials(sources):
-            if partial not in self._created:
-                self._created.append(partial)
+        for copy in self._file_mirror().partials(sources):
+            if copy not in self._created:
+                self._created.append(copy)
         t0, started = time.monotonic(), time.time()
         sync = self._file_mirror().sync(sources)
         seconds, ended = time.monotonic() - t0, time.time()
