@@ -180,3 +180,36 @@ def test_a_resumed_migration_can_be_aborted(agent_vm, dest_dir: Path, testlib) -
     plugin = vm.plugin("status")
     assert {d["state"] for d in plugin["disks"].values()} == {"passthrough"}
     assert testlib.same_content(vm.disks["disk0"], vm.pristine["disk0"]) == []
+
+
+@pytest.mark.slow
+def test_agent_and_nbdkit_killed_mid_copy_leave_the_partial_for_the_next_migration(
+        agent_vm, dest_dir: Path, testlib) -> None:
+    """No mirror state survives, so the migration has failed; its copying survives in the partial disk."""
+    size = 32 * MiB
+    vm = agent_vm(n_disks=1, size=size, start=False)
+    fill_pattern_image(vm.disks["disk0"], "disk0", size)
+    vm.start()
+    started = vm.cli("migrate", vm.name, "--dest", str(dest_dir), "--rate", "8M", "--no-wait")
+    assert started.returncode == 0, started.stderr
+    deadline = time.monotonic() + 30
+    while copied_bytes(vm) < size // 2:
+        assert time.monotonic() < deadline, vm.log_text()
+        time.sleep(0.05)
+    nbdkit = vm.nbdkit_pid()
+    vm.kill_agent()
+    os.kill(nbdkit, signal.SIGKILL)
+    vm.start(wait_nbdkit=True)
+    last = vm.status()["last"]
+    assert last["state"] == "failed" and "nbdkit stopped too" in last["error"], last
+    partial = dest_dir / "disk0.raw.svmotion-partial"
+    assert last["kept_partials"] == [str(partial)]
+    assert sorted(p.name for p in dest_dir.iterdir()) == [partial.name, partial.name + ".json"]
+    assert served_paths(vm) == {"disk0": str(vm.disks["disk0"])}
+    again = vm.cli("migrate", vm.name, "--dest", str(dest_dir), "--json")
+    assert again.returncode == 0, again.stderr
+    record = json.loads(again.stdout)
+    assert record["disks"][0]["resumed_from"] == last["id"]
+    assert record["passes"][0]["kind"] == "load"
+    assert copied_bytes(vm) <= size // 2 + size // 20, "the load pass copied more than the missing half"
+    assert testlib.same_content(vm.disks["disk0"], dest_dir / "disk0.raw") == []
