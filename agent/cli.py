@@ -24,6 +24,7 @@ from agent.errors import (EXIT_BY_RESULT, EXIT_INTERNAL, AgentUnreachable, Svmot
 from agent.jsonlines import JsonLinesClient, RemoteError
 from agent.plan import MIRROR_MODES, STRATEGIES, human_bytes
 from agent.progress import Progress, outcome_line, phase_table, render_line
+from nbd_plugin.dirtymap import MAX_GRANULARITY, MIN_GRANULARITY
 
 POLL_S = 0.25
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -51,8 +52,8 @@ def parse_duration(text: str) -> float:
 class Size(click.ParamType):
     name = "SIZE"
 
-    def __init__(self, minimum: int = 0, power_of_two: bool = False):
-        self.minimum, self.power_of_two = minimum, power_of_two
+    def __init__(self, minimum: int = 0, maximum: int | None = None, power_of_two: bool = False):
+        self.minimum, self.maximum, self.power_of_two = minimum, maximum, power_of_two
 
     def convert(self, value: Any, param: Any, ctx: Any) -> int:
         if isinstance(value, int):
@@ -62,10 +63,20 @@ class Size(click.ParamType):
         except ValueError:
             self.fail(f"{value!r} is not a size; write bytes with an optional K, M or G suffix, e.g. 50M",
                       param, ctx)
-        if n < self.minimum or (self.power_of_two and n & (n - 1)):
+        too_big = self.maximum is not None and n > self.maximum
+        if n < self.minimum or too_big or (self.power_of_two and n & (n - 1)):
             rule = "a power of two " if self.power_of_two else ""
-            self.fail(f"{value!r} must be {rule}>= {human_bytes(self.minimum)}, e.g. 64K", param, ctx)
+            limit = f" and <= {human_bytes(self.maximum)}" if self.maximum is not None else ""
+            self.fail(f"{value!r} must be {rule}>= {human_bytes(self.minimum)}{limit}, e.g. 64K", param, ctx)
         return n
+
+
+def destination(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--dest: a directory the agent can find, so absolute; an empty one would mean the current one."""
+    if not value.strip():
+        raise click.BadParameter(f"{value!r} is empty; give the destination directory, e.g. --dest /mnt/new",
+                                 ctx, param)
+    return os.path.abspath(value)
 
 
 class Duration(click.ParamType):
@@ -128,14 +139,14 @@ def agent_cmd(config_path: str) -> None:
 
 @main.command()
 @click.argument("vm")
-@click.option("--dest", required=True, help="Destination directory for the disks and files.")
+@click.option("--dest", required=True, callback=destination, help="Destination directory for the disks and files.")
 @click.option("--stun-strategy", "strategy", type=click.Choice(STRATEGIES), default="optimized",
               show_default=True, help="optimized: disks stay open under the stun; legacy: close and reopen.")
 @click.option("--rate", type=Size(), default="0", help="Copy rate limit in bytes/s, e.g. 50M (0 = unlimited).")
 @click.option("--mirror", type=click.Choice(MIRROR_MODES), default="sync", show_default=True,
               help="sync: mirror writes to both sides; dirty: track dirty chunks and copy them in passes.")
-@click.option("--granularity", type=Size(minimum=4096, power_of_two=True), default="64K", show_default=True,
-              help="Dirty-map chunk size.")
+@click.option("--granularity", type=Size(minimum=MIN_GRANULARITY, maximum=MAX_GRANULARITY, power_of_two=True),
+              default="64K", show_default=True, help="Dirty-map chunk size (4K to 64M).")
 @click.option("--stun-budget", type=Duration(), default="50ms", show_default=True,
               help="The switchover stun to aim for: dirty passes repeat until the rest fits.")
 @click.option("--delete-source", is_flag=True, help="Delete the source files after a successful migration.")
@@ -147,7 +158,7 @@ def agent_cmd(config_path: str) -> None:
 def migrate(ctx: click.Context, vm: str, dest: str, strategy: str, rate: int, mirror: str, granularity: int,
             stun_budget: float, delete_source: bool, no_wait: bool, as_json: bool, report_path: str | None) -> None:
     """Migrate VM's disks to the directory DEST while it runs."""
-    reply = agent_call(ctx, "migrate", vm=vm, dest=os.path.abspath(dest), strategy=strategy, rate=rate,
+    reply = agent_call(ctx, "migrate", vm=vm, dest=dest, strategy=strategy, rate=rate,
                        mirror=mirror, granularity=granularity, stun_budget=stun_budget,
                        delete_source=delete_source)
     record = reply["migration"]

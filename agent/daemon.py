@@ -3,7 +3,9 @@
 Design notes
 - The API (docs/interfaces.md, section 4) is a `ControlServer` on `[agent] socket`: ops
   migrate, status, abort, shutdown. A refusal is a `RequestError` carrying `exit` (section 5), so
-  the CLI prints the agent's one line and exits with the agent's code.
+  the CLI prints the agent's one line and exits with the agent's code. Each op declares its
+  arguments with `@takes` (nbd_plugin/control.py); `handle` checks them before the op runs, and
+  an unknown key or a wrong type is a usage error (exit 2) that changes nothing.
 - State in state_dir, so the agent can die at any moment (even SIGKILL) and come back:
   `<vm>.pid` (the supervisor's), `<vm>.paths.json` (where the VM's disks and files live now:
   written after a successful migration, so a restart serves the destination), and
@@ -33,9 +35,10 @@ from agent.config import AgentConfig, VmConfig
 from agent.errors import EXIT_INTERNAL, EXIT_USAGE, ConfigError, Refused, SvmotionError
 from agent.jsonlines import JsonLinesClient, RemoteError
 from agent.phases import Injection, Migration
-from agent.plan import PARTIAL_SUFFIX, MigrationOptions
+from agent.plan import OPTION_ARGS, PARTIAL_SUFFIX, MigrationOptions
 from agent.supervisor import Nbdkit
-from nbd_plugin.control import Connection, ControlServer, RequestError
+from nbd_plugin.control import (Arg, ArgumentError, Connection, ControlServer, RequestError, arguments,
+                                declared, shown, takes)
 
 log = logging.getLogger("svmotion.agent")
 
@@ -105,7 +108,7 @@ class Agent:
             self._bring_up(vm)
             self._recover(vm)
         Path(self.config.socket).parent.mkdir(parents=True, exist_ok=True)
-        self._server = ControlServer(self.config.socket, self.handle)
+        self._server = ControlServer(self.config.socket, self.handle, malformed={"exit": EXIT_USAGE})
         self._server.start()
         if self.config.metrics:
             metrics.register_plugin_collector(self.plugin_statuses)
@@ -260,9 +263,11 @@ class Agent:
         handler = {"migrate": self.op_migrate, "status": self.op_status,
                    "abort": self.op_abort, "shutdown": self.op_shutdown}.get(op)
         if handler is None:
-            raise RequestError(f"unknown op {op!r}: use migrate, status, abort or shutdown", exit=EXIT_USAGE)
+            raise RequestError(f"unknown op {shown(op)}: use migrate, status, abort or shutdown", exit=EXIT_USAGE)
         try:
-            return handler(request)
+            return handler(arguments(request, declared(handler), op))
+        except ArgumentError as err:
+            raise RequestError(str(err), exit=EXIT_USAGE) from None
         except SvmotionError as err:
             raise RequestError(str(err), exit=err.exit_code) from None
         except RemoteError as err:
@@ -271,12 +276,13 @@ class Agent:
             raise RequestError(f"{type(err).__name__}: {err}", exit=EXIT_INTERNAL) from None
 
     def _vm(self, request: dict[str, Any]) -> VmConfig:
-        name = request.get("vm")
-        vm = self.config.vm(name) if isinstance(name, str) else None
+        name = request["vm"]
+        vm = self.config.vm(name)
         if vm is None:
-            raise Refused(f"unknown VM {name!r}: this agent serves {', '.join(self.nodes)}")
+            raise Refused(f"unknown VM {shown(name)}: this agent serves {', '.join(self.nodes)}")
         return vm
 
+    @takes(vm=Arg(str), **OPTION_ARGS)
     def op_migrate(self, request: dict[str, Any]) -> dict[str, Any]:
         vm = self._vm(request)
         options = MigrationOptions.from_request(request)
@@ -324,9 +330,10 @@ class Agent:
         except FileNotFoundError:
             pass
 
+    @takes(vm=Arg(str, None), samples=Arg(bool, False))
     def op_status(self, request: dict[str, Any]) -> dict[str, Any]:
-        names = [self._vm(request).name] if request.get("vm") is not None else list(self.nodes)
-        samples = bool(request.get("samples", False))
+        names = [self._vm(request).name] if request["vm"] is not None else list(self.nodes)
+        samples = request["samples"]
         vms = []
         for name in names:
             node = self.nodes[name]
@@ -343,6 +350,7 @@ class Agent:
             })
         return {"vms": vms}
 
+    @takes(vm=Arg(str))
     def op_abort(self, request: dict[str, Any]) -> dict[str, Any]:
         vm = self._vm(request)
         with self._lock:
@@ -355,9 +363,10 @@ class Agent:
                                 f"{ABORT_WAIT_S:.0f} s (phase {migration.phase}); see the agent's log")
         return {"migration": migration.to_dict(samples=False)}
 
+    @takes(stop_vms=Arg(bool, False))
     def op_shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
         # The reply goes out before the agent stops: run() does the stopping.
-        self._stop_vms = bool(request.get("stop_vms", False))
+        self._stop_vms = request["stop_vms"]
         self._stop.set()
         return {"stopping": True, "stop_vms": self._stop_vms}
 
