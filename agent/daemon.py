@@ -36,6 +36,7 @@ from agent.errors import EXIT_INTERNAL, EXIT_USAGE, ConfigError, Refused, Svmoti
 from agent.jsonlines import JsonLinesClient, RemoteError
 from agent.phases import Injection, Migration
 from agent.plan import OPTION_ARGS, PARTIAL_SUFFIX, MigrationOptions
+from agent.statefiles import private, private_dir
 from agent.supervisor import Nbdkit
 from nbd_plugin.control import (Arg, ArgumentError, Connection, ControlServer, RequestError, arguments,
                                 declared, shown, takes)
@@ -47,9 +48,9 @@ ABORT_WAIT_S = 15.0
 
 
 def write_json(path: str, data: Any) -> None:
-    """Atomically replace a small JSON state file (a crash leaves the old or the new one)."""
+    """Atomically replace a small JSON state file (a crash leaves the old or the new one); mode 0600."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", opener=private) as f:
         json.dump(data, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
@@ -100,7 +101,7 @@ class Agent:
         return 0
 
     def start(self) -> None:
-        os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
+        private_dir(self.config.state_dir)
         self._refuse_second_agent()
         for vm in self.config.vms:
             self.paths[vm.name] = self._current_paths(vm)

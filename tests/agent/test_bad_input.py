@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -168,6 +169,29 @@ def test_an_empty_dest_is_a_usage_error(agent_vm, tmp_path: Path) -> None:
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith("Error: ") and f"{dest!r}" in last and "--dest /mnt/new" in last, last
     assert list(cwd.iterdir()) == [] and vm.status()["last"] is None
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_state_files_are_private(agent_vm, dest_dir: Path) -> None:
+    """Defect 6: the state files name every disk path; only the agent's user may read them."""
+    vm = agent_vm(n_disks=1, size=4 * MiB, start=False)
+    log = vm.state / f"{vm.name}.nbdkit.log"
+    os.chmod(vm.state, 0o755)                  # as an older agent or a careless mkdir left them
+    log.write_text("an older agent's log\n")
+    os.chmod(log, 0o644)
+    vm.start("hold:DiskCopy=2")
+    assert vm.cli("migrate", vm.name, "--dest", str(dest_dir), "--no-wait").returncode == 0
+    vm.wait_phase("DiskCopy")
+    journal = vm.state / f"{vm.name}.migration.json"
+    assert journal.exists() and mode(journal) == 0o600, oct(mode(journal))
+    assert vm.wait_done()["state"] == "success"
+    files = {p.name: oct(mode(p)) for p in vm.state.iterdir() if p.is_file() and not p.is_socket()}
+    assert {f"{vm.name}.pid", f"{vm.name}.nbdkit.log", f"{vm.name}.paths.json"} <= files.keys(), files
+    assert all(m == "0o600" for m in files.values()), files
+    assert mode(vm.state) == 0o700, oct(mode(vm.state))
 
 
 # ---- random requests ----------------------------------------------------------------------------
