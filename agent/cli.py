@@ -28,6 +28,7 @@ from agent.jsonlines import JsonLinesClient, RemoteError
 from agent.plan import MIRROR_MODES, STRATEGIES, human_bytes
 from agent.progress import Progress, outcome_line, phase_table, render_line
 from agent.verify import verify_line
+from nbd_plugin.dirtymap import MAX_GRANULARITY, MIN_GRANULARITY
 
 POLL_S = 0.25
 AGENT_RESTART_PATIENCE_S = 60.0
@@ -56,8 +57,8 @@ def parse_duration(text: str) -> float:
 class Size(click.ParamType):
     name = "SIZE"
 
-    def __init__(self, minimum: int = 0, power_of_two: bool = False):
-        self.minimum, self.power_of_two = minimum, power_of_two
+    def __init__(self, minimum: int = 0, maximum: int | None = None, power_of_two: bool = False):
+        self.minimum, self.maximum, self.power_of_two = minimum, maximum, power_of_two
 
     def convert(self, value: Any, param: Any, ctx: Any) -> int:
         if isinstance(value, int):
@@ -67,10 +68,22 @@ class Size(click.ParamType):
         except ValueError:
             self.fail(f"{value!r} is not a size; write bytes with an optional K, M or G suffix, e.g. 50M",
                       param, ctx)
-        if n < self.minimum or (self.power_of_two and n & (n - 1)):
+        too_big = self.maximum is not None and n > self.maximum
+        if n < self.minimum or too_big or (self.power_of_two and n & (n - 1)):
             rule = "a power of two " if self.power_of_two else ""
-            self.fail(f"{value!r} must be {rule}>= {human_bytes(self.minimum)}, e.g. 64K", param, ctx)
+            limit = f" and <= {human_bytes(self.maximum)}" if self.maximum is not None else ""
+            self.fail(f"{value!r} must be {rule}>= {human_bytes(self.minimum)}{limit}, e.g. 64K", param, ctx)
         return n
+
+
+def directory(fix: str) -> Callable[[click.Context, click.Parameter, str], str]:
+    """An option naming a directory for the agent: absolute (the agent has another working
+    directory), never empty (abspath("") would be the current one). `fix` says what to give."""
+    def check(ctx: click.Context, param: click.Parameter, value: str) -> str:
+        if not value.strip():
+            raise click.BadParameter(f"{value!r} is empty; {fix}", ctx, param)
+        return os.path.abspath(value)
+    return check
 
 
 class Duration(click.ParamType):
@@ -141,14 +154,14 @@ def agent_cmd(config_path: str) -> None:
 
 @main.command()
 @click.argument("vm")
-@click.option("--dest", required=True, help="Destination directory for the disks and files.")
+@click.option("--dest", required=True, callback=directory("give the destination directory, e.g. --dest /mnt/new"), help="Destination directory for the disks and files.")
 @click.option("--stun-strategy", "strategy", type=click.Choice(STRATEGIES), default="optimized",
               show_default=True, help="optimized: disks stay open under the stun; legacy: close and reopen.")
 @click.option("--rate", type=Size(), default="0", help="Copy rate limit in bytes/s, e.g. 50M (0 = unlimited).")
 @click.option("--mirror", type=click.Choice(MIRROR_MODES), default="sync", show_default=True,
               help="sync: mirror writes to both sides; dirty: track dirty chunks and copy them in passes.")
-@click.option("--granularity", type=Size(minimum=4096, power_of_two=True), default="64K", show_default=True,
-              help="Dirty-map chunk size.")
+@click.option("--granularity", type=Size(minimum=MIN_GRANULARITY, maximum=MAX_GRANULARITY, power_of_two=True),
+              default="64K", show_default=True, help="Dirty-map chunk size (4K to 64M).")
 @click.option("--stun-budget", type=Duration(), default="50ms", show_default=True,
               help="The switchover stun to aim for: dirty passes repeat until the rest fits.")
 @click.option("--delete-source", is_flag=True, help="Delete the source files after a successful migration "
@@ -167,7 +180,7 @@ def migrate(ctx: click.Context, vm: str, dest: str, strategy: str, rate: int, mi
 
     Partial disks a migration to DEST left when its nbdkit died are resumed: only the chunks that
     differ from the source are copied again."""
-    reply = agent_call(ctx, "migrate", vm=vm, dest=os.path.abspath(dest), strategy=strategy, rate=rate,
+    reply = agent_call(ctx, "migrate", vm=vm, dest=dest, strategy=strategy, rate=rate,
                        mirror=mirror, granularity=granularity, stun_budget=stun_budget,
                        delete_source=delete_source, verify=verify)
     record = reply["migration"]
@@ -250,10 +263,11 @@ def abort(ctx: click.Context, vm: str) -> None:
 @main.command("verify")
 @click.argument("vm")
 @click.option("--against", required=True, metavar="DIR",
+              callback=directory("give the directory holding the reference <disk>.raw files"),
               help="Directory holding the reference disks as <disk>.raw, e.g. the source directory after a "
                    "migration.")
-@click.option("--granularity", type=Size(minimum=4096, power_of_two=True), default="64K", show_default=True,
-              help="Chunk size of the digests (at most 64M).")
+@click.option("--granularity", type=Size(minimum=MIN_GRANULARITY, maximum=MAX_GRANULARITY, power_of_two=True),
+              default="64K", show_default=True, help="Chunk size of the digests (4K to 64M).")
 @click.option("--json", "as_json", is_flag=True, help="Print the verification record as JSON.")
 @click.pass_context
 def verify_cmd(ctx: click.Context, vm: str, against: str, granularity: int, as_json: bool) -> None:
@@ -261,10 +275,7 @@ def verify_cmd(ctx: click.Context, vm: str, against: str, granularity: int, as_j
 
     Chunks the guest rewrote since the VM's last switchover are skipped. Exit 0: they match;
     8: they differ (the first differing disk and offset are printed)."""
-    if not against.strip():
-        die(SvmotionError(f"--against {against!r} is empty; give the directory holding <disk>.raw files",
-                          EXIT_USAGE))
-    record = agent_call(ctx, "verify", timeout=None, vm=vm, against=os.path.abspath(against),
+    record = agent_call(ctx, "verify", timeout=None, vm=vm, against=against,
                         granularity=granularity)["verification"]
     click.echo(json.dumps(record, indent=1) if as_json else f"{vm}: {verify_line(record)}")
     if record["result"] != "match":

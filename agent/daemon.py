@@ -3,7 +3,9 @@
 Design notes
 - The API (docs/interfaces.md, section 4) is a `ControlServer` on `[agent] socket`: ops
   migrate, status, abort, verify, shutdown. A refusal is a `RequestError` carrying `exit`
-  (section 5), so the CLI prints the agent's one line and exits with the agent's code.
+  (section 5), so the CLI prints the agent's one line and exits with the agent's code. Each op
+  declares its arguments with `@takes` (nbd_plugin/control.py); `handle` checks them before the
+  op runs, and an unknown key or a wrong type is a usage error (exit 2) that changes nothing.
   `verify` runs in the API thread (the CLI waits); a VM being verified cannot start a
   migration, nor the reverse.
 - State in state_dir, so the agent can die at any moment (even SIGKILL) and come back:
@@ -43,10 +45,13 @@ from agent.config import AgentConfig, VmConfig
 from agent.errors import EXIT_INTERNAL, EXIT_USAGE, ConfigError, Refused, SvmotionError
 from agent.jsonlines import JsonLinesClient, RemoteError
 from agent.phases import PHASES, Injection, Migration
-from agent.plan import PARTIAL_SUFFIX, MigrationOptions
+from agent.plan import OPTION_ARGS, PARTIAL_SUFFIX, MigrationOptions
+from agent.statefiles import private, private_dir
 from agent.supervisor import Nbdkit
 from agent.verify import VerifyError, verify_disks
-from nbd_plugin.control import Connection, ControlServer, RequestError
+from nbd_plugin.control import (Arg, ArgumentError, Connection, ControlServer, RequestError, arguments,
+                                declared, file_path, power_of_two, shown, takes)
+from nbd_plugin.dirtymap import MAX_GRANULARITY, MIN_GRANULARITY
 from nbd_plugin.served import read_record, resolve_renamed
 
 log = logging.getLogger("svmotion.agent")
@@ -56,9 +61,9 @@ ABORT_WAIT_S = 15.0
 
 
 def write_json(path: str, data: Any) -> None:
-    """Atomically replace a small JSON state file (a crash leaves the old or the new one)."""
+    """Atomically replace a small JSON state file (a crash leaves the old or the new one); mode 0600."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", opener=private) as f:
         json.dump(data, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
@@ -110,7 +115,7 @@ class Agent:
         return 0
 
     def start(self) -> None:
-        os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
+        private_dir(self.config.state_dir)
         self._refuse_second_agent()
         for vm in self.config.vms:
             self.paths[vm.name] = self._current_paths(vm)
@@ -118,7 +123,7 @@ class Agent:
             self._bring_up(vm)
             self._recover(vm)
         Path(self.config.socket).parent.mkdir(parents=True, exist_ok=True)
-        self._server = ControlServer(self.config.socket, self.handle)
+        self._server = ControlServer(self.config.socket, self.handle, malformed={"exit": EXIT_USAGE})
         self._server.start()
         if self.config.metrics:
             metrics.register_plugin_collector(self.plugin_statuses)
@@ -338,10 +343,12 @@ class Agent:
         handler = {"migrate": self.op_migrate, "status": self.op_status, "abort": self.op_abort,
                    "verify": self.op_verify, "shutdown": self.op_shutdown}.get(op)
         if handler is None:
-            raise RequestError(f"unknown op {op!r}: use migrate, status, abort, verify or shutdown",
+            raise RequestError(f"unknown op {shown(op)}: use migrate, status, abort, verify or shutdown",
                                exit=EXIT_USAGE)
         try:
-            return handler(request)
+            return handler(arguments(request, declared(handler), op))
+        except ArgumentError as err:
+            raise RequestError(str(err), exit=EXIT_USAGE) from None
         except SvmotionError as err:
             raise RequestError(str(err), exit=err.exit_code) from None
         except RemoteError as err:
@@ -350,12 +357,13 @@ class Agent:
             raise RequestError(f"{type(err).__name__}: {err}", exit=EXIT_INTERNAL) from None
 
     def _vm(self, request: dict[str, Any]) -> VmConfig:
-        name = request.get("vm")
-        vm = self.config.vm(name) if isinstance(name, str) else None
+        name = request["vm"]
+        vm = self.config.vm(name)
         if vm is None:
-            raise Refused(f"unknown VM {name!r}: this agent serves {', '.join(self.nodes)}")
+            raise Refused(f"unknown VM {shown(name)}: this agent serves {', '.join(self.nodes)}")
         return vm
 
+    @takes(vm=Arg(str), **OPTION_ARGS)
     def op_migrate(self, request: dict[str, Any]) -> dict[str, Any]:
         vm = self._vm(request)
         options = MigrationOptions.from_request(request)
@@ -399,9 +407,10 @@ class Agent:
         except FileNotFoundError:
             pass
 
+    @takes(vm=Arg(str, None), samples=Arg(bool, False))
     def op_status(self, request: dict[str, Any]) -> dict[str, Any]:
-        names = [self._vm(request).name] if request.get("vm") is not None else list(self.nodes)
-        samples = bool(request.get("samples", False))
+        names = [self._vm(request).name] if request["vm"] is not None else list(self.nodes)
+        samples = request["samples"]
         vms = []
         for name in names:
             node = self.nodes[name]
@@ -418,6 +427,7 @@ class Agent:
             })
         return {"vms": vms}
 
+    @takes(vm=Arg(str))
     def op_abort(self, request: dict[str, Any]) -> dict[str, Any]:
         vm = self._vm(request)
         with self._lock:
@@ -430,17 +440,12 @@ class Agent:
                                 f"{ABORT_WAIT_S:.0f} s (phase {migration.phase}); see the agent's log")
         return {"migration": migration.to_dict(samples=False)}
 
+    @takes(vm=Arg(str), against=Arg(str, check=file_path),
+           granularity=Arg(int, 64 * 1024, power_of_two(MIN_GRANULARITY, MAX_GRANULARITY)))
     def op_verify(self, request: dict[str, Any]) -> dict[str, Any]:
         """Compare the VM's disks as served with AGAINST/<disk>.raw by digests (agent/verify.py)."""
         vm = self._vm(request)
-        against, granularity = request.get("against"), request.get("granularity", 64 * 1024)
-        if not isinstance(against, str) or not against:
-            raise SvmotionError(f"bad against {against!r}: give the directory holding the reference disks "
-                                f"as <disk>.raw, e.g. --against /var/lib/vm1", EXIT_USAGE)
-        if isinstance(granularity, bool) or not isinstance(granularity, int) or granularity & (granularity - 1) \
-                or not 4096 <= granularity <= 64 << 20:
-            raise SvmotionError(f"bad granularity {granularity!r}: a power of two from 4K to 64M, e.g. 64K",
-                                EXIT_USAGE)
+        against, granularity = request["against"], request["granularity"]
         if not os.path.isdir(against):
             raise Refused(f"--against {against!r} is not a directory; give the directory holding the "
                           f"reference disks as <disk>.raw")
@@ -470,9 +475,10 @@ class Agent:
         log.info("vm %s: verify against %s: %s", vm.name, against, record["result"])
         return {"verification": {"vm": vm.name, "against": against, **record}}
 
+    @takes(stop_vms=Arg(bool, False))
     def op_shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
         # The reply goes out before the agent stops: run() does the stopping.
-        self._stop_vms = bool(request.get("stop_vms", False))
+        self._stop_vms = request["stop_vms"]
         self._stop.set()
         return {"stopping": True, "stop_vms": self._stop_vms}
 

@@ -2,7 +2,9 @@
 
 Design notes
 - `MigrationOptions` is the validated `migrate` request (docs/interfaces.md, section 4); a bad
-  argument is a usage error (exit 2) quoting the value.
+  argument is a usage error (exit 2) quoting the value. `OPTION_ARGS` declares each argument's
+  JSON type, default and rule (nbd_plugin/control.py `Arg`): a new option is one field here and
+  one entry there.
 - `plan_migration` runs before the agent answers `migrate` and again in DiskSetup: a refusal
   (exit 3) happens before anything is created, so "refused" always means "nothing changed".
 - Every object goes to `DEST/<name>` and lives there as `<name>.svmotion-partial` until
@@ -19,6 +21,8 @@ from typing import Any
 from agent.config import VmConfig
 from agent.errors import EXIT_USAGE, Refused, SvmotionError
 from agent.partial import Identity, reusable
+from nbd_plugin.control import Arg, ArgumentError, arguments, file_path, one_of, power_of_two, within
+from nbd_plugin.dirtymap import MAX_GRANULARITY, MIN_GRANULARITY
 
 STRATEGIES = ("optimized", "legacy")
 MIRROR_MODES = ("sync", "dirty")
@@ -41,42 +45,37 @@ class MigrationOptions:
 
     @classmethod
     def from_request(cls, req: dict[str, Any]) -> "MigrationOptions":
-        """Validate the API request's arguments; a bad one is a usage error (exit 2)."""
-        def bad(key: str, fix: str) -> SvmotionError:
-            return SvmotionError(f"bad {key} {req.get(key)!r}: {fix}", EXIT_USAGE)
+        """The `migrate` request's options (all but its op and vm); a bad one is a usage error (exit 2)."""
+        options = {k: v for k, v in req.items() if k not in ("op", "vm")}
+        try:
+            args = arguments(options, OPTION_ARGS, "migrate", keep=())
+        except ArgumentError as err:
+            raise SvmotionError(str(err), EXIT_USAGE) from None
+        return cls(**dict(args, stun_budget=float(args["stun_budget"])))
 
-        dest = req.get("dest")
-        if not isinstance(dest, str) or not dest:
-            raise bad("dest", "give the destination directory, e.g. --dest /mnt/new")
-        opts = cls(dest=dest)
-        if req.get("strategy") is not None:
-            if req["strategy"] not in STRATEGIES:
-                raise bad("strategy", f"use one of {', '.join(STRATEGIES)}")
-            opts.strategy = req["strategy"]
-        if req.get("mirror") is not None:
-            if req["mirror"] not in MIRROR_MODES:
-                raise bad("mirror", f"use one of {', '.join(MIRROR_MODES)}")
-            opts.mirror = req["mirror"]
-        for key, lo in (("rate", 0), ("granularity", 4096), ("max_passes", 1)):
-            value = req.get(key)
-            if value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-                raise bad(key, f"an integer >= {lo}")
-            setattr(opts, key, value)
-        if opts.granularity & (opts.granularity - 1):
-            raise bad("granularity", "a power of two >= 4096, e.g. 64K")
-        budget = req.get("stun_budget")
-        if budget is not None:
-            if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget <= 10:
-                raise bad("stun_budget", "seconds in (0, 10], e.g. 0.05")
-            opts.stun_budget = float(budget)
-        opts.delete_source = bool(req.get("delete_source", False))
-        verify = req.get("verify", False)
-        if not isinstance(verify, bool):
-            raise bad("verify", "true or false")
-        opts.verify = verify
-        return opts
+
+def destination(dest: str) -> str | None:
+    """Check of `dest`: an absolute path (the agent's working directory is not the caller's)."""
+    if not dest.strip():
+        return "give the destination directory, e.g. --dest /mnt/new"
+    return file_path(dest) or (None if os.path.isabs(dest) else
+                               "must be an absolute path (the agent does not share your working "
+                               "directory), e.g. /mnt/new")
+
+
+# The `migrate` options of the agent API (docs/interfaces.md, section 4), defaults from MigrationOptions.
+OPTION_ARGS = {
+    "dest": Arg(str, check=destination),
+    "strategy": Arg(str, MigrationOptions.strategy, one_of(*STRATEGIES)),
+    "rate": Arg(int, MigrationOptions.rate, within(0, 1 << 50)),
+    "mirror": Arg(str, MigrationOptions.mirror, one_of(*MIRROR_MODES)),
+    "granularity": Arg(int, MigrationOptions.granularity, power_of_two(MIN_GRANULARITY, MAX_GRANULARITY)),
+    "stun_budget": Arg(float, MigrationOptions.stun_budget,
+                       lambda v: None if 0 < v <= 10 else "seconds in (0, 10], e.g. 0.05"),
+    "delete_source": Arg(bool, MigrationOptions.delete_source),
+    "max_passes": Arg(int, MigrationOptions.max_passes, within(1, 1000)),
+    "verify": Arg(bool, MigrationOptions.verify),
+}
 
 
 @dataclass

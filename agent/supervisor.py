@@ -4,7 +4,7 @@ Design notes
 - The workload must outlive the agent. nbdkit runs in its own session (start_new_session), its
   output goes to a log file in state_dir (a pipe would break, and SIGPIPE it, when the agent
   dies), and it is not our child (see `launch_detached`: Debian's nbdkit sets a parent-death
-  signal on itself). A SIGKILLed agent leaves the guest's IO running; the stun lease covers the
+  signal on itself). The log and the pid file are mode 0600 (statefiles.py). A SIGKILLed agent leaves the guest's IO running; the stun lease covers the
   case where it died holding a stun.
 - A restarted agent adopts instead of restarting: the pid file in state_dir records the pid and
   the process start time (so a recycled pid is never mistaken for our nbdkit), and adoption also
@@ -28,6 +28,7 @@ from typing import Any, Callable
 from agent.config import VmConfig
 from agent.errors import SvmotionError
 from agent.jsonlines import JsonLinesClient
+from agent.statefiles import private
 from nbd_plugin import plugin_pythonpath, plugin_script
 
 log = logging.getLogger("svmotion.supervisor")
@@ -130,7 +131,7 @@ def launch_detached(cmd: list[str], log_file: str, env: dict[str, str],
 
     `listeners` are handed to it by socket activation (fds 3, 4, ...; LISTEN_FDS).
     """
-    with open(log_file, "ab") as out:
+    with open(log_file, "ab", opener=private) as out:   # it names the disks' paths
         out.write(f"--- {time.strftime('%F %T')} {' '.join(cmd)}\n".encode())
     if listeners:
         env = dict(env, LISTEN_FDS=str(len(listeners)))
@@ -229,7 +230,8 @@ class Nbdkit:
         self._start_time = process_start_time(self.pid)
         deadline = time.monotonic() + READY_TIMEOUT_S
         tmp = self.pid_file + ".tmp"
-        Path(tmp).write_text(json.dumps({"pid": self.pid, "start_time": self._start_time}))
+        with open(tmp, "w", opener=private) as f:
+            f.write(json.dumps({"pid": self.pid, "start_time": self._start_time}))
         os.replace(tmp, self.pid_file)
         self.hello = self._wait_ready(deadline)
         log.info("vm %s: started nbdkit pid %d", self.vm.name, self.pid)

@@ -15,6 +15,14 @@ from __future__ import annotations
 import re
 import threading
 
+# Chunk sizes a mirror accepts. The chunk is what one dirty byte costs a dirty pass and the
+# switchover's last copy under the stun, and what a guest write waits for when a copier run holds
+# it (a run is at least one chunk): at 1 TiB one write would re-dirty the whole disk, the passes
+# would never converge and the last copy would be the whole disk under the stun. 64 MiB is
+# QEMU's drive-mirror limit too. 4 KiB, the page size, is the smallest useful chunk.
+MIN_GRANULARITY = 4096
+MAX_GRANULARITY = 64 << 20
+
 _NONZERO = re.compile(rb"[^\x00]")
 _NOTFULL = re.compile(rb"[^\xff]")
 

@@ -13,6 +13,8 @@ Design notes
   proportional to data (the switchover's last copy) carry the lease deadline and give up at it.
   A `digest` request holds the lock for its read too (bounded: MAX_DIGEST_BYTES; the agent asks
   for a few MiB at a time), so that no stun step closes or replaces a file it is reading.
+- Every op declares its arguments (`@takes`, control.py); `handle` checks them before the op
+  runs, so a refused request never reaches the state below.
 - Stun strategies, from the seed: optimized = stun, install the mirror on the open disks,
   unstun. legacy = stun, close every disk (flush + close), reopen each with the mirror
   installed during open, unstun. The agent picks by calling `close_disks` or not.
@@ -29,8 +31,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from .backend import FileBackend, write_back_in_slices
-from .control import Connection, RequestError
+from .control import (Arg, Connection, RequestError, arguments, declared, file_path, one_of, power_of_two,
+                      shown, takes, within)
 from .copier import COPY_KINDS, DeadlineExceeded, PassProgress, copy_pass
+from .dirtymap import MAX_GRANULARITY, MIN_GRANULARITY
 from .disk import CLOSED, MIRRORING, PASSTHROUGH, SWITCHED, Disk
 from .gate import DrainTimeout, StunGate
 from .mirror import MODES
@@ -41,6 +45,19 @@ PROTOCOL_VERSION = 1
 MAX_DIGEST_BYTES = 64 << 20      # one digest request reads at most this much, under the control lock
 MAX_DIGEST_CHUNKS = 1 << 16
 STUN_KINDS = ("mirror_install", "switchover", "abort", "other")
+STUN_ID = Arg(str)
+MIRROR_SPEC = {"dest": Arg(str, check=file_path), "mode": Arg(str, "sync", one_of(*MODES)),
+               "granularity": Arg(int, 65536, power_of_two(MIN_GRANULARITY, MAX_GRANULARITY))}
+
+
+def _some_disks(specs: dict) -> str | None:
+    return None if specs else "must map disk names to {dest, mode, granularity}"
+
+
+def _disk_paths(paths: dict) -> str | None:
+    if all(isinstance(p, str) and file_path(p) is None for p in paths.values()):
+        return None
+    return "must map disk names to file paths"
 
 
 @dataclass
@@ -98,17 +115,17 @@ class VM:
                 "disks": {d.name: d.status() for d in self.disks.values()},
                 "stuns": [asdict(r) for r in self.stuns]}
 
+    @takes(lease=Arg(float, None, within(0.01, 60.0)), kind=Arg(str, "other", one_of(*STUN_KINDS)))
     def op_stun(self, req: dict, conn: Connection) -> dict:
-        lease = _number(req, "lease", self.lease, low=0.01, high=60.0)
-        kind = req.get("kind", "other")
-        if kind not in STUN_KINDS:
-            raise RequestError(f"stun: unknown kind {kind!r}; use one of {', '.join(STUN_KINDS)}")
+        lease = self.lease if req["lease"] is None else float(req["lease"])
+        kind = req["kind"]
         with self._control:
             if self._stun is not None:
                 raise RequestError(f"stun: VM {self.name} is already stunned ({self._stun.record.id})")
             record = self._begin_stun(kind, lease, conn).record
             return {"stun_id": record.id, "drain_seconds": record.drain_seconds}
 
+    @takes(stun_id=STUN_ID)
     def op_close_disks(self, req: dict, conn: Connection) -> dict:
         with self._control:
             stun = self._held_stun(req)
@@ -120,11 +137,9 @@ class VM:
                 stun.undo.append(disk.reopen_source)
             return {}
 
+    @takes(stun_id=STUN_ID, disks=Arg(dict, check=_some_disks))
     def op_install_mirror(self, req: dict, conn: Connection) -> dict:
-        specs = req.get("disks")
-        if not isinstance(specs, dict) or not specs:
-            raise RequestError("install_mirror: \"disks\" must map disk names to {dest, mode, granularity}")
-        plan = [self._mirror_plan(name, spec) for name, spec in specs.items()]
+        plan = [self._mirror_plan(name, spec) for name, spec in req["disks"].items()]
         with self._control:
             stun = self._held_stun(req)
             for disk, dest, mode, granularity in plan:
@@ -148,16 +163,16 @@ class VM:
                 stun.undo.append(disk.drop_mirror)
             return {}
 
+    @takes(stun_id=STUN_ID)
     def op_unstun(self, req: dict, conn: Connection) -> dict:
         with self._control:
             stun = self._held_stun(req)
             return {"stun": asdict(self._end_stun(stun, "released"))}
 
+    @takes(kind=Arg(str, "bulk", one_of(*COPY_KINDS)), rate=Arg(int, 0, within(0, 1 << 50)),
+           disk=Arg(str, None))
     def op_copy(self, req: dict, conn: Connection) -> dict:
-        kind = req.get("kind", "bulk")
-        if kind not in COPY_KINDS:
-            raise RequestError(f"copy: kind {kind!r} is not {', '.join(COPY_KINDS)}")
-        rate = int(_number(req, "rate", 0, low=0, high=1 << 50))
+        kind, rate = req["kind"], req["rate"]
         disks = self._selected(req, "copy")
         with self._control:
             if self._stun is not None:
@@ -172,6 +187,7 @@ class VM:
                 disk.start_copy(kind, per_disk)
             return {}
 
+    @takes(disk=Arg(str, None))
     def op_copy_cancel(self, req: dict, conn: Connection) -> dict:
         for disk in self._selected(req, "copy_cancel"):
             disk.stop_copy()
@@ -190,15 +206,14 @@ class VM:
                 raise RequestError(f"flush_dest: disk {disk.name}: {err.strerror}") from None
         return {"seconds": time.monotonic() - start}
 
+    @takes(disk=Arg(str), granularity=Arg(int, 65536, power_of_two(1, MAX_DIGEST_BYTES)),
+           offset=Arg(int, 0, within(0, 1 << 62)), count=Arg(int, None, within(0, MAX_DIGEST_BYTES)))
     def op_digest(self, req: dict, conn: Connection) -> dict:
         """Per-chunk digests of a range of a disk as served, and its chunks rewritten since switchover."""
         disk = self._disk_named(req)
-        granularity = _integer(req, "granularity", 65536, 1, MAX_DIGEST_BYTES)
-        if granularity & (granularity - 1):
-            raise RequestError(f"digest: granularity {granularity} must be a power of two")
-        offset = _integer(req, "offset", 0, 0, disk.size)
-        count = _integer(req, "count", min(disk.size - offset, MAX_DIGEST_BYTES), 0, MAX_DIGEST_BYTES)
-        if offset % granularity or offset + count > disk.size:
+        granularity, offset = req["granularity"], req["offset"]
+        count = min(disk.size - offset, MAX_DIGEST_BYTES) if req["count"] is None else req["count"]
+        if offset > disk.size or offset % granularity or offset + count > disk.size:
             raise RequestError(f"digest: range {offset}+{count} must start at a multiple of the "
                                f"granularity {granularity} and end by the disk's size {disk.size}")
         if count > granularity * MAX_DIGEST_CHUNKS:
@@ -212,8 +227,9 @@ class VM:
                 raise RequestError(f"digest: disk {disk.name}: {_reason(err)}") from None
         return {"digests": blob.hex(), "skipped": skipped, "tracked": tracked}
 
+    @takes(stun_id=STUN_ID, reopen=Arg(bool, False))
     def op_switchover(self, req: dict, conn: Connection) -> dict:
-        reopen = bool(req.get("reopen", False))
+        reopen = req["reopen"]
         with self._control:
             stun = self._held_stun(req)
             start = time.monotonic()
@@ -239,13 +255,15 @@ class VM:
             stun.undo.clear()
             return {"final_bytes": final, "seconds": time.monotonic() - start}
 
+    @takes(stun_id=Arg(str, None))
     def op_abort(self, req: dict, conn: Connection) -> dict:
         """Back to the intact source on every disk, under the caller's stun or one of our own."""
         with self._control:
+            own = self._stun is None
+            # The stun first: an abort refused for a wrong stun_id must not have cancelled the copies.
+            stun = self._begin_stun("abort", self.lease, conn) if own else self._held_stun(req)
             for disk in self.disks.values():
                 disk.stop_copy()
-            own = self._stun is None
-            stun = self._begin_stun("abort", self.lease, conn) if own else self._held_stun(req)
             for disk in self.disks.values():
                 if disk.state != SWITCHED:
                     disk.drop_mirror()
@@ -254,19 +272,18 @@ class VM:
                 self._end_stun(stun, "released")
             return {}
 
+    @takes(paths=Arg(dict, {}, _disk_paths))
     def op_finish(self, req: dict, conn: Connection) -> dict:
         # `paths` (optional, {disk: path}): the agent renamed the destination files after the
         # switchover (DEST/x.raw.svmotion-partial -> DEST/x.raw); a legacy reopen must use the new name.
-        paths = req.get("paths") or {}
-        if not isinstance(paths, dict) or not all(isinstance(v, str) for v in paths.values()):
-            raise RequestError("finish: paths must map disk names to paths")
+        paths = req["paths"]
         with self._control:
             for name, path in paths.items():
                 disk = self.disks.get(name)
                 if disk is None:
-                    raise RequestError(f"finish: unknown disk {name!r}; this VM has {', '.join(self.disks)}")
+                    raise RequestError(f"finish: unknown disk {shown(name)}; this VM has {', '.join(self.disks)}")
                 if disk.primary is None or not _same_file(disk.primary.fd, path):
-                    raise RequestError(f"finish: disk {name}: {path} is not the file the disk has open")
+                    raise RequestError(f"finish: disk {name}: {shown(path)} is not the file the disk has open")
             for disk in self.disks.values():
                 if disk.state == SWITCHED:
                     disk.finish()
@@ -332,7 +349,7 @@ class VM:
         if stun is None:
             raise RequestError(f"{req['op']}: needs a held stun; call stun first")
         if stun_id != stun.record.id:
-            raise RequestError(f"{req['op']}: stun_id {stun_id!r} is not the held stun {stun.record.id!r}")
+            raise RequestError(f"{req['op']}: stun_id {shown(stun_id)} is not the held stun {stun.record.id!r}")
         # Must hold: a stun is only ever held with the gate closed and drained.
         assert self.gate.closed
         return stun
@@ -342,19 +359,14 @@ class VM:
     def _mirror_plan(self, name: str, spec: Any) -> tuple[Disk, str, str, int]:
         disk = self.disks.get(name)
         if disk is None:
-            raise RequestError(f"install_mirror: unknown disk {name!r}; this VM has {', '.join(self.disks)}")
-        if not isinstance(spec, dict) or not isinstance(spec.get("dest"), str):
-            raise RequestError(f"install_mirror: disk {name}: needs {{\"dest\": PATH}}")
-        mode = spec.get("mode", "sync")
-        if mode not in MODES:
-            raise RequestError(f"install_mirror: disk {name}: mode {mode!r} is not sync or dirty")
-        granularity = spec.get("granularity", 65536)
-        if not isinstance(granularity, int) or granularity < 4096 or granularity & (granularity - 1):
-            raise RequestError(f"install_mirror: disk {name}: granularity {granularity!r} must be a power "
-                               "of two of at least 4096")
+            raise RequestError(f"install_mirror: unknown disk {shown(name)}; this VM has {', '.join(self.disks)}")
+        where = f"install_mirror: disk {name}"
+        if not isinstance(spec, dict):
+            raise RequestError(f"{where}: bad spec {shown(spec)}: must be an object {{\"dest\": PATH, ...}}")
+        spec = arguments(spec, MIRROR_SPEC, where, keep=())
         if os.path.realpath(spec["dest"]) == os.path.realpath(disk.path):
-            raise RequestError(f"install_mirror: disk {name}: the destination is the source itself")
-        return disk, spec["dest"], mode, granularity
+            raise RequestError(f"{where}: the destination is the source itself")
+        return disk, spec["dest"], spec["mode"], spec["granularity"]
 
     def _disk_named(self, req: dict) -> Disk:
         name = req.get("disk")
@@ -373,7 +385,7 @@ class VM:
                 raise RequestError("copy: no disk is mirroring")
             return chosen
         if name not in self.disks:
-            raise RequestError(f"{op}: unknown disk {name!r}; this VM has {', '.join(self.disks)}")
+            raise RequestError(f"{op}: unknown disk {shown(name)}; this VM has {', '.join(self.disks)}")
         return [self.disks[name]]
 
     def _final_copy(self, disk: Disk, deadline: float) -> int:
@@ -398,11 +410,11 @@ class VM:
             write_record(self.state_file, self.name, disks)
 
     def handle(self, req: dict, conn: Connection) -> dict:
-        """Dispatch one control request to its op_ method."""
+        """Check one control request's arguments (see control.takes) and dispatch it to its op_ method."""
         method = getattr(self, f"op_{req['op']}", None)
         if method is None:
-            raise RequestError(f"unknown op {req['op']!r}; known: {', '.join(OPS)}")
-        return method(req, conn)
+            raise RequestError(f"unknown op {shown(req['op'])}; known: {', '.join(OPS)}")
+        return method(arguments(req, declared(method), req["op"]), conn)
 
     def close(self) -> None:
         for disk in self.disks.values():
@@ -411,20 +423,6 @@ class VM:
 
 
 OPS = [name[3:] for name in dir(VM) if name.startswith("op_")]
-
-
-def _number(req: dict, key: str, default: float, low: float, high: float) -> float:
-    value = req.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise RequestError(f"{req['op']}: {key} {value!r} must be a number from {low} to {high}")
-    return value
-
-
-def _integer(req: dict, key: str, default: int, low: int, high: int) -> int:
-    value = req.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise RequestError(f"{req['op']}: {key} {value!r} must be an integer from {low} to {high}")
-    return value
 
 
 def _same_file(fd: int, path: str) -> bool:

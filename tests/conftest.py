@@ -126,6 +126,23 @@ def socket_answers(path: Path | str) -> bool:
         s.close()
 
 
+def fds_and_threads(pid: int) -> tuple[int, int]:
+    """(open fds, threads) of a process, from /proc: what a leak check compares."""
+    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+
+def steady_fds_and_threads(pid: int, timeout: float = 10.0) -> tuple[int, int]:
+    """fds_and_threads once unchanged for 100 ms: the thread of a connection a client has just
+    closed (a readiness probe, say) may not have ended yet, and a baseline must not count it."""
+    deadline = time.monotonic() + timeout
+    seen = [fds_and_threads(pid)]
+    while len(seen) < 5 or len(set(seen[-5:])) > 1:
+        assert time.monotonic() < deadline, f"pid {pid}: fds and threads never settle: {seen[-5:]}"
+        time.sleep(0.02)
+        seen.append(fds_and_threads(pid))
+    return seen[-1]
+
+
 # ---- images ---------------------------------------------------------------------------------
 
 def make_sparse_image(path: Path, size: int, data: list[tuple[int, int]] = (), *,

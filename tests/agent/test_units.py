@@ -115,6 +115,29 @@ def test_migration_options_from_request() -> None:
         assert err.value.exit_code == 2
 
 
+@pytest.mark.parametrize("bad, words", [
+    ({"delete_source": "false"}, ["delete_source 'false'", "true or false, not a string"]),
+    ({"delete_source": 0}, ["delete_source 0", "not an integer"]),
+    ({"rate": 5.5}, ["rate 5.5", "an integer"]),
+    ({"rate": True}, ["rate True", "not a boolean"]),
+    ({"max_passes": None}, ["max_passes None", "not null"]),
+    ({"stun_budget": float("inf")}, ["stun_budget inf", "non-finite"]),
+    ({"granularity": 1 << 40}, ["granularity 1099511627776", "67108864"]),
+    ({"dest": "   "}, ["dest '   '", "--dest /mnt/new"]),
+    ({"dest": "new/vm1"}, ["dest 'new/vm1'", "absolute path"]),
+    ({"dest": "/mnt/a\0b"}, ["dest", "NUL"]),
+    ({"delete_sources": True}, ["unknown argument 'delete_sources'", "delete_source"]),
+])
+def test_migration_options_are_typed(bad: dict, words: list[str]) -> None:
+    """"false" is not false: a wrong JSON type or an unknown key is a usage error naming the value."""
+    with pytest.raises(SvmotionError) as err:
+        MigrationOptions.from_request({"vm": "vm1", "dest": "/d", **bad})
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
+    for word in words:
+        assert word in str(err.value), str(err.value)
+    assert MigrationOptions.from_request({"dest": "/d", "delete_source": True, "stun_budget": 1}).stun_budget == 1.0
+
+
 def test_progress_rendering() -> None:
     rec = {"vm": "vm1", "phase": "DiskCopy", "progress": {"copied_bytes": 2**20, "total_bytes": 4 * 2**20,
                                                           "dirty_bytes": 3 * 2**20, "rate_bps": 2**20}}
