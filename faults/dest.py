@@ -15,6 +15,7 @@ Design notes
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -37,13 +38,23 @@ class Destination:
     trigger: Path | None = None       # dest_eio: exists = writes fail
 
     def fill(self, slack: int) -> int:
-        """Fill the filesystem but `slack` bytes; returns the filler's size."""
+        """Fill the filesystem but about `slack` bytes; returns the filler's size.
+
+        The copier writes meanwhile, so the free space read a moment ago may be gone: on ENOSPC
+        ask for 256 KiB less, until it fits.
+        """
         st = os.statvfs(self.path)
         size = max(0, st.f_bavail * st.f_frsize - slack)
         with open(self.path / "filler", "wb") as f:
-            if size:
-                os.posix_fallocate(f.fileno(), 0, size)
-        return size
+            while size > 0:
+                try:
+                    os.posix_fallocate(f.fileno(), 0, size)
+                    break
+                except OSError as err:
+                    if err.errno != errno.ENOSPC:
+                        raise
+                    size -= 256 * 1024
+        return max(0, size)
 
     def fail_writes(self) -> None:
         assert self.trigger is not None

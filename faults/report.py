@@ -48,7 +48,9 @@ def summary(records: list[dict[str, Any]], header: str) -> str:
             c["not_applicable"] += 1
             continue
         c["trials"] += 1
-        c[f"outcome_{(r.get('outcome') or {}).get('state') or 'none'}"] += 1
+        state = (r.get("outcome") or {}).get("state")
+        if state or not r.get("harness_error"):
+            c[f"outcome_{state or 'none'}"] += 1
         if r.get("lost_blocks"):
             c["lost_trials"] += 1
             c["lost_blocks"] += r["lost_blocks"]
