@@ -36,6 +36,7 @@ INVARIANTS = (
     "next_guest_saw_no_error",
     "next_data_intact",            # after it: every acknowledged write, on the new destination
     "source_frozen_after_switchover",  # a source left behind by a success is never written again
+    "nbdkit_never_crashed",        # the mirror node ends only when the harness kills it
 )
 STALL_SLACK_S = 1.5               # load on a shared 2-core machine; a lease is seconds
 
@@ -83,30 +84,32 @@ def outcome_recorded(world: World, migration_id: str | None) -> Check:
     return held(f"{rec['state']}" + (f": {rec.get('error')}" if rec.get("error") else ""))
 
 
-def expected_side(world: World, sources: dict[str, str], finals: dict[str, str]) -> tuple[str, dict[str, str]] | None:
+def effective_state(world: World, finals: dict[str, str]) -> str:
+    """The recorded outcome; without a record (outcome_recorded says so), what nbdkit serves."""
     state = (world.outcome or {}).get("state")
     if state is None:
-        return None
-    return ("destination", finals) if state == "success" else ("source", sources)
+        return "success" if world.served_disks == finals else "failed"
+    return state
 
 
 def one_intact_side(world: World, sources: dict[str, str], finals: dict[str, str]) -> Check:
     """Every disk on the side the outcome names, and the mirror node idle on it."""
     problems = []
-    side = expected_side(world, sources, finals)
+    state = effective_state(world, finals)
+    side = ("destination", finals) if state == "success" else ("source", sources)
     served = world.served_disks
     on_src = {d for d, p in served.items() if p == sources.get(d)}
     on_dst = {d for d, p in served.items() if p == finals.get(d)}
     if on_src and on_dst:
         problems.append(f"split across sides: {sorted(on_src)} on the source, {sorted(on_dst)} on the destination")
-    if side is not None and served != side[1]:
-        problems.append(f"outcome {world.outcome['state']} means the {side[0]}, but nbdkit serves {served}")
+    if served != side[1]:
+        problems.append(f"outcome {state} means the {side[0]}, but nbdkit serves {served}")
     if world.plugin_stun is not None:
         problems.append(f"a stun is still held: {world.plugin_stun}")
     busy = {d: s["state"] for d, s in world.plugin_disks.items() if s["state"] != "passthrough" or s.get("dest")}
     if busy:
         problems.append(f"mirror node not idle: {busy}")
-    return violated("; ".join(problems)) if problems else held(f"all disks on the {side[0] if side else '?'}")
+    return violated("; ".join(problems)) if problems else held(f"all disks on the {side[0]}")
 
 
 def agent_agrees(world: World) -> Check:
@@ -118,15 +121,15 @@ def agent_agrees(world: World) -> Check:
     return violated("; ".join(problems)) if problems else held()
 
 
-def no_complete_looking_partial(world: World, dest: Path, final_names: list[str]) -> Check:
-    """DEST/<name> only after a success; after a success every one of them, no partial left."""
+def no_complete_looking_partial(world: World, dest: Path, final_names: list[str], state: str) -> Check:
+    """DEST/<name> only after a success; after a success every one of them, no partial left.
+    `state`: effective_state()."""
     if not dest.is_dir():
         return not_applicable(f"{dest} is gone")
     try:
         present = set(os.listdir(dest))
     except OSError as err:
         return violated(f"cannot list {dest}: {err}")
-    state = (world.outcome or {}).get("state")
     finals = [n for n in final_names if n in present]
     partials = sorted(n for n in present if n.endswith(PARTIAL_SUFFIX))
     if state == "success":
@@ -135,7 +138,7 @@ def no_complete_looking_partial(world: World, dest: Path, final_names: list[str]
             return violated(f"after success: missing {missing}, partial files left {partials}")
         return held()
     if finals:
-        return violated(f"outcome {state or 'unknown'}, but {dest} holds complete-looking {sorted(finals)}")
+        return violated(f"outcome {state}, but {dest} holds complete-looking {sorted(finals)}")
     return held(f"partial files left: {partials}" if partials else "")
 
 

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import nbd
 
 from faults.params import FioParams
 from faults.resources import Resources
@@ -105,15 +106,15 @@ class BoundedReader(threading.Thread):
         return (self.head + gap.encode() + self.tail).decode(errors="replace")
 
 
-def socket_answers(path: Path) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def server_answers(uri: str) -> bool:
+    """A whole NBD handshake (a bare connect would leave nbdkit's log full of broken handshakes)."""
+    h = nbd.NBD()
     try:
-        s.connect(str(path))
+        h.connect_uri(uri)
+        h.shutdown()
         return True
-    except OSError:
+    except nbd.Error:
         return False
-    finally:
-        s.close()
 
 
 def verify_errors(text: str, disk_of: Callable[[str], str]) -> list[tuple[str, int, str]]:
@@ -179,11 +180,12 @@ class FioWorkload:
 
     def _run(self) -> None:
         while not self._stop.is_set() and not self.exhausted():
-            if not socket_answers(self.socket):
-                # The server is down (nbdkit killed): wait for the agent to bring it back.
+            if self.rounds and self.rounds[-1].errors:
+                # The server may be down (nbdkit killed): wait for the agent to bring it back.
+                uri = f"nbd+unix:///{next(iter(self.sizes))}?socket={self.socket}"
                 deadline = time.monotonic() + SERVER_WAIT_S
-                while not socket_answers(self.socket) and time.monotonic() < deadline:
-                    if self._stop.wait(0.1):
+                while not server_answers(uri) and time.monotonic() < deadline:
+                    if self._stop.wait(0.2):
                         return
             index = len(self.rounds)
             seeds = {d: (self.seed * 7919 + index * 131 + i) % 2**31 + 1

@@ -44,6 +44,7 @@ class Fired:
     at_s: float | None = None         # seconds after `migrate` started
     detail: str = ""
     recovered_s: float | None = None  # agent or nbdkit back after this many seconds
+    killed_pid: int | None = None     # nbdkit_kill: the nbdkit we killed
     error: str | None = None          # the harness could not fire or recover
 
 
@@ -144,6 +145,7 @@ class FaultThread(threading.Thread):
         if process_start_time(pid) != start:
             raise RuntimeError(f"nbdkit pid {pid} is not the recorded process any more")
         os.kill(pid, signal.SIGKILL)
+        self.fired.killed_pid = pid
         t = time.monotonic()
         back = wait_until(lambda: self._nbdkit_back(pid), RESTART_TIMEOUT_S, 0.05)
         self.fired.recovered_s = round(time.monotonic() - t, 3) if back else None

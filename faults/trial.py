@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from typing import Any
 
 import nbd
 
+from agent.supervisor import process_start_time
 from agent.writer import PATTERN, VerifyingWriter, WriterReport, file_digest, fill_pattern_image
 from faults import checks
 from faults.checks import Check, World
@@ -169,8 +171,8 @@ def observe(vm: AgentProcess) -> World:
                  plugin_disks=status["disks"], plugin_stun=status["stun"])
 
 
-def wait_outcome(vm: AgentProcess, cli: subprocess.Popen, fault: FaultThread | None) -> tuple[str | None, bool]:
-    """Wait until the migration has ended (through agent restarts); (its id, ended)."""
+def wait_outcome(vm: AgentProcess, cli: subprocess.Popen, fault: FaultThread) -> tuple[str | None, str | None]:
+    """Wait until no migration runs any more (through agent restarts); (its id, what went wrong or None)."""
     deadline = time.monotonic() + OUTCOME_TIMEOUT_S
     mid = None
     while time.monotonic() < deadline:
@@ -181,14 +183,15 @@ def wait_outcome(vm: AgentProcess, cli: subprocess.Popen, fault: FaultThread | N
         if st is not None:
             if st["migration"]:
                 mid = st["migration"]["id"]
-            elif (st["last"] is not None or cli.poll() is not None) and not (fault and fault.is_alive()):
-                return mid or (st["last"] or {}).get("id"), st["last"] is not None
-            if st["migration"] is None and cli.poll() is not None and fault is not None and mid is None:
+            elif (st["last"] is not None or cli.poll() is not None) and not fault.is_alive():
+                if st["last"] is None:
+                    return mid, "the agent has no record of the migration's end (a restarted agent forgot it)"
+                return mid or st["last"].get("id"), None
+            if st["migration"] is None and cli.poll() is not None and mid is None:
                 fault.cancel.set()      # refused at once: no moment will come
         time.sleep(0.05)
-    if fault is not None:
-        fault.cancel.set()
-    return mid, False
+    fault.cancel.set()
+    return mid, f"the migration did not end within {OUTCOME_TIMEOUT_S:.0f} s"
 
 
 # ---- verification -------------------------------------------------------------------------------
@@ -287,11 +290,14 @@ def run_trial(seed: int, kinds: tuple[str, ...], workroot: Path, logdir: Path | 
     t_start = time.monotonic()
     trial = Trial(params, root, res, result)
     try:
-        trial.run()
-    except NotApplicable as err:
-        result.not_applicable = str(err)
-    except ProductDown as err:
-        result.invariants[err.invariant] = checks.violated(str(err)).to_dict()
+        try:
+            trial.run()
+        except NotApplicable as err:
+            result.not_applicable = str(err)
+        except ProductDown as err:
+            result.invariants[err.invariant] = checks.violated(str(err)).to_dict()
+        if trial.vm is not None and result.not_applicable is None:
+            trial.check_nbdkit()
     except KeyboardInterrupt:
         result.harness_error = "interrupted"
         raise
@@ -308,10 +314,35 @@ def run_trial(seed: int, kinds: tuple[str, ...], workroot: Path, logdir: Path | 
     return result
 
 
+def cli_record(path: Path) -> dict[str, Any] | None:
+    """The migration record `svmotion migrate --json` printed (None: it printed none)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("state") else None
+
+
+def uptime() -> float:
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0])
+
+
+def kernel_segfaults(since: float) -> list[str]:
+    """The kernel's segfault lines about nbdkit since `since` (seconds of uptime), if dmesg reads."""
+    done = subprocess.run(["dmesg"], capture_output=True, text=True)
+    found = []
+    for line in done.stdout.splitlines():
+        m = re.match(r"\[\s*(\d+\.\d+)\] (nbdkit\[\d+\]: segfault.*)", line)
+        if m and float(m.group(1)) >= since:
+            found.append(f"kernel (any nbdkit on this host): {m.group(2)[:160]}")
+    return found[:3]
+
+
 def collect_logs(result: TrialResult, vm: AgentProcess, root: Path, logdir: Path | None) -> None:
     """Excerpts into the result, whole logs (bounded) into LOGDIR/trial-SEED/."""
     sources = sorted(root.glob("agent-*.log")) + [vm.state / f"{vm.name}.nbdkit.log"] + \
-        sorted(root.glob("migrate-*.log")) + sorted(root.glob("failing/*.log"))
+        sorted(root.glob("migrate-*.log")) + sorted(root.glob("migrate-*.json")) + sorted(root.glob("failing/*.log"))
     for path in sources:
         if path.exists():
             result.logs[path.name] = tail(path, 3000)
@@ -333,6 +364,9 @@ class Trial:
         self.first_outcome: dict[str, Any] | None = None
         self.reports_a: dict[str, WriterReport] = {}
         self.t0 = 0.0
+        self.killed: set[int] = set()           # nbdkit pids the harness killed (the fault)
+        self.unended: str | None = None         # why the faulted migration has no end record
+        self.uptime0 = uptime()
         self.writers: list[tuple[int, dict[str, VerifyingWriter]]] = []
 
     def check(self, name: str, c: Check) -> None:
@@ -371,13 +405,13 @@ class Trial:
             w.start()
         time.sleep(WARMUP_S)
         finals = {d: str(dest.path / f"{d}.raw") for d in vm.disks}
-        with open(self.root / "migrate-1.log", "wb") as out:
+        with open(self.root / "migrate-1.json", "wb") as out, open(self.root / "migrate-1.log", "wb") as err:
             self.t0 = t0 = time.monotonic()
-            cli = self.res.spawn(migrate_argv(vm, p, dest.path, p.rate), stdout=out, cwd=ROOT)
+            cli = self.res.spawn(migrate_argv(vm, p, dest.path, p.rate), stdout=out, stderr=err, cwd=ROOT)
         fault = FaultThread(p.fault, vm, dest, finals, t0)
         self.res.defer("cancel the fault", fault.cancel.set)
         fault.start()
-        mid, ended = wait_outcome(vm, cli, fault)
+        mid, unended = wait_outcome(vm, cli, fault)
         fault.join(60)
         self.result.timing["migration_s"] = round(time.monotonic() - t0, 2)
         try:
@@ -390,9 +424,9 @@ class Trial:
         self.result.fault = record(p.fault, fault.fired)
         if fault.fired.error:
             raise RuntimeError(f"firing {p.fault.kind}: {fault.fired.error}")
-        if not ended:
-            self.check("outcome_recorded", checks.violated(f"the migration did not end within "
-                                                             f"{OUTCOME_TIMEOUT_S:.0f} s"))
+        self.unended = unended
+        if fault.fired.killed_pid:
+            self.killed.add(fault.fired.killed_pid)
         self.reports_a = reports
         return fault.fired, mid, cli_code
 
@@ -403,11 +437,18 @@ class Trial:
         except NOT_ANSWERING as err:
             raise ProductDown("one_intact_side", f"after the faulted migration the agent or nbdkit does not "
                                                  f"answer: {type(err).__name__}: {err}") from None
+        if self.unended and world.outcome is None:
+            # The CLI may have printed the record before the agent that kept it died.
+            world.outcome = cli_record(self.root / "migrate-1.json")
+            self.check("outcome_recorded", checks.violated(self.unended) if world.outcome is None else checks.held(
+                f"{world.outcome['state']} (only in the CLI's output: the restarted agent has no record)"))
+        elif self.unended:
+            self.check("outcome_recorded", checks.violated(self.unended))
+        else:
+            self.check("outcome_recorded", checks.outcome_recorded(world, mid))
         rec = world.outcome or {}
         self.result.outcome = {"id": rec.get("id"), "state": rec.get("state"), "error": rec.get("error"),
                                "warnings": rec.get("warnings"), "cli_exit": cli_code}
-        if "outcome_recorded" not in self.result.invariants:
-            self.check("outcome_recorded", checks.outcome_recorded(world, mid))
         killed_nbdkit = p.fault.kind == "nbdkit_kill" and fired.fired
         window = None
         if killed_nbdkit:
@@ -425,15 +466,34 @@ class Trial:
         self.result.lost_blocks += lost
         self.check("acked_writes_kept", data)
         self.check("one_intact_side", checks.one_intact_side(world, sources, finals))
+        state = checks.effective_state(world, finals)
         agrees = checks.agent_agrees(world)
         if agrees.ok is False:
             agrees.detail += stale_side_evidence(world, vm, p, fio, self.writers)
         self.check("agent_agrees_with_nbdkit", agrees)
         names = checks.final_names(list(vm.disks), vm.files, [s for ss in vm.sidecars.values() for s in ss])
-        self.check("no_complete_looking_partial", checks.no_complete_looking_partial(world, dest.path, names))
+        self.check("no_complete_looking_partial", checks.no_complete_looking_partial(world, dest.path, names, state))
         self.check("cli_exit_matches", checks.cli_exit_matches(world.outcome, cli_code,
                                                                p.fault.kind == "agent_kill" and fired.fired))
         self.first_outcome = world.outcome
+
+    def check_nbdkit(self) -> None:
+        """nbdkit_never_crashed: the agent saw no nbdkit exit the harness did not cause, the last
+        one still runs, its log has no fatal error. (The kernel's segfault lines are evidence only:
+        other nbdkits run on this machine.)"""
+        vm = self.vm
+        logs = "".join(tail(p, 1 << 20) for p in sorted(self.root.glob("agent-*.log")))
+        exits = [int(pid) for pid in re.findall(r"nbdkit pid (\d+) exited", logs)]
+        problems = [f"nbdkit pid {pid} exited by itself" for pid in exits if pid not in self.killed]
+        pid = vm.nbdkit_pid()
+        if pid is None or process_start_time(pid) is None:
+            problems.append(f"the VM's nbdkit (pid {pid}) is not running")
+        nbdkit_log = tail(vm.state / f"{vm.name}.nbdkit.log", 1 << 20)
+        fatal = [line for line in nbdkit_log.splitlines() if "Fatal Python error" in line or "Segmentation" in line]
+        problems += fatal[:3]
+        if problems:
+            problems += kernel_segfaults(self.uptime0)
+        self.check("nbdkit_never_crashed", checks.violated("; ".join(problems)) if problems else checks.held())
 
     def count_guest_errors(self, unexpected: list[str], expected: list[str]) -> None:
         g = self.result.guest
@@ -467,14 +527,22 @@ class Trial:
         self.writers.append((1, writers))
         self.res.defer("stop writer B", stop_writers, writers)
         first_round = len(fio.rounds)
+        try:
+            for w in writers.values():
+                w.start()
+        except nbd.Error as err:
+            raise ProductDown("next_migration_succeeds", f"the VM's disks do not answer before the next "
+                                                         f"migration: {err}") from None
         fio.start()
-        for w in writers.values():
-            w.start()
         time.sleep(WARMUP_S)
         t = time.monotonic()
-        with open(self.root / "migrate-2.log", "wb") as out:
-            done = subprocess.run(migrate_argv(vm, p, dest2.path, 0), stdout=out, stderr=subprocess.STDOUT,
-                                  cwd=ROOT, timeout=OUTCOME_TIMEOUT_S)
+        try:
+            with open(self.root / "migrate-2.log", "wb") as out:
+                done = subprocess.run(migrate_argv(vm, p, dest2.path, 0), stdout=out, stderr=subprocess.STDOUT,
+                                      cwd=ROOT, timeout=OUTCOME_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise ProductDown("next_migration_succeeds", f"`svmotion migrate` did not end within "
+                                                         f"{OUTCOME_TIMEOUT_S:.0f} s") from None
         self.result.timing["next_migration_s"] = round(time.monotonic() - t, 2)
         time.sleep(AFTER_S)
         reports = stop_writers(writers)
