@@ -45,6 +45,7 @@ class Fired:
     detail: str = ""
     recovered_s: float | None = None  # agent or nbdkit back after this many seconds
     killed_pid: int | None = None     # nbdkit_kill: the nbdkit we killed
+    wall: float | None = None         # time.time() when it fired
     error: str | None = None          # the harness could not fire or recover
 
 
@@ -69,14 +70,16 @@ class FaultThread(threading.Thread):
             return
         if self.params.delay and self.cancel.wait(self.params.delay):
             return
-        if self.fired.missed and self.params.kind.startswith("dest_"):
-            self.fired.detail = "the migration ended before the moment: the destination was left alone"
+        if self.params.kind.startswith("dest_") and (self.fired.missed or self._switched()):
+            self.fired.missed = True
+            self.fired.detail = "the switchover came before the moment: the destination was left alone"
             return
         if self.params.kind == "hung_stun":
             self.fired.fired = True
             self.fired.detail = f"agent held the mirror-install stun {self.params.hang} s (SVMOTION_INJECT)"
             return
         self.fired.at_s = round(time.monotonic() - self.t0, 3)
+        self.fired.wall = time.time()
         {"agent_kill": self._kill_agent, "nbdkit_kill": self._kill_nbdkit,
          "dest_eio": self._fail_writes, "dest_full": self._fill}[self.params.kind]()
         self.fired.fired = True
@@ -130,6 +133,12 @@ class FaultThread(threading.Thread):
         self.fired.phase_seen = f"{moment} (mirror node)"
         self.fired.at_s = round(time.monotonic() - self.t0, 3)
         return True
+
+    def _switched(self) -> bool:
+        """The mirror node serves a destination already (a destination fault would be too late)."""
+        disks = self.vm.plugin("status")["disks"].values()
+        return any(d["state"] == "switched" or (d["state"] == "passthrough" and d["path"] in self.finals.values())
+                   for d in disks)
 
     # ---- the faults -----------------------------------------------------------------------------
 

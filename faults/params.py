@@ -12,8 +12,10 @@ Design notes
   the switchover that no phase name marks: `switched` (the mirror node serves the destination,
   the agent has not yet finished) and `finished` (the mirror node's `finish` is done, the agent
   may not have recorded it yet: issue 10's defect 1).
-- Destination faults (EIO, full) are drawn only at phases up to the switchover: a destination that
-  breaks after the migration is the new storage failing under its workload, not a migration fault.
+- Destination faults (EIO, full) are drawn only at phases up to the switchover, and do not fire
+  once it began: a destination that breaks after the migration committed (its last flush before
+  the switchover stun) is the new storage failing under its workload, not a migration fault. A
+  fault that races the commit anyway is recorded and the trial counted as not applicable.
 """
 from __future__ import annotations
 

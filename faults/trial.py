@@ -314,6 +314,19 @@ def run_trial(seed: int, kinds: tuple[str, ...], workroot: Path, logdir: Path | 
     return result
 
 
+def raced_commit(record: dict[str, Any], fired_wall: float | None) -> bool:
+    """Did a destination fault fire after the migration began its commit (the last flush_dest
+    before the switchover stun)? Only a successful migration has committed."""
+    if record.get("state") != "success" or fired_wall is None:
+        return False
+    switchovers = [s for s in record.get("stuns", []) if s.get("kind") == "switchover"]
+    flushes = [s for s in record.get("steps", []) if s.get("name") == "flush_dest"]
+    if not switchovers:
+        return False
+    commit = switchovers[-1]["started"] - (flushes[-1]["seconds"] if flushes else 0.0) - 0.005
+    return fired_wall >= commit
+
+
 def cli_record(path: Path) -> dict[str, Any] | None:
     """The migration record `svmotion migrate --json` printed (None: it printed none)."""
     try:
@@ -449,6 +462,9 @@ class Trial:
         rec = world.outcome or {}
         self.result.outcome = {"id": rec.get("id"), "state": rec.get("state"), "error": rec.get("error"),
                                "warnings": rec.get("warnings"), "cli_exit": cli_code}
+        if p.fault.kind.startswith("dest_") and fired.fired and raced_commit(rec, fired.wall):
+            raise NotApplicable(f"{p.fault.kind}: the destination broke while the migration committed (after its "
+                                f"last flush before the switchover): the new storage failing, not a migration fault")
         killed_nbdkit = p.fault.kind == "nbdkit_kill" and fired.fired
         window = None
         if killed_nbdkit:
@@ -463,7 +479,7 @@ class Trial:
         sources = {d: str(path) for d, path in vm.disks.items()}
         finals = {d: str(dest.path / f"{d}.raw") for d in vm.disks}
         data, lost = data_check(vm, p, fio, self.writers)
-        self.result.lost_blocks += lost
+        self.result.lost_blocks = max(self.result.lost_blocks, lost)   # phase 2 re-checks the same blocks
         self.check("acked_writes_kept", data)
         self.check("one_intact_side", checks.one_intact_side(world, sources, finals))
         state = checks.effective_state(world, finals)
@@ -565,7 +581,7 @@ class Trial:
                    else checks.held())
         finals = {d: str(dest2.path / f"{d}.raw") for d in vm.disks}
         data, lost = data_check(vm, p, fio, self.writers)
-        self.result.lost_blocks += lost
+        self.result.lost_blocks = max(self.result.lost_blocks, lost)   # phase 2 re-checks the same blocks
         side = checks.one_intact_side(world, {d: str(s) for d, s in vm.disks.items()}, finals) if ok else \
             checks.not_applicable("the next migration failed")
         agrees = checks.agent_agrees(world)
