@@ -6,7 +6,9 @@ Design notes
   the summary is rewritten from the results at the end (and `--render` rebuilds it from a file).
 - Columns (per fault kind): trials; the faulted migration's outcome (succeeded / failed / aborted
   / no record); trials that lost acknowledged writes (and how many blocks); guest errors the
-  destination caused (unexpected guest errors in dest_* trials); other unexpected guest errors;
+  destination caused (trials, and failed guest requests, at most 20 per disk and phase, each
+  failed fio round counted once: unexpected guest errors in dest_* trials); other unexpected
+  guest errors;
   workloads left on a damaged side (the served side lacks data, is split, is not the side the
   outcome names, or the agent records another); trials with any invariant violation; harness
   errors (a trial the harness could not run to the end: to fix in the harness or the product).
@@ -55,14 +57,17 @@ def summary(records: list[dict[str, Any]], header: str) -> str:
             c["lost_trials"] += 1
             c["lost_blocks"] += r["lost_blocks"]
         c["dest_errors"] += r.get("dest_caused_guest_errors", 0)
+        c["dest_error_trials"] += bool(r.get("dest_caused_guest_errors"))
         c["other_errors"] += r.get("other_guest_errors", 0)
+        c["other_error_trials"] += bool(r.get("other_guest_errors"))
         violations = r.get("violations", [])
         c["damaged"] += any(v in DAMAGED_SIDE for v in violations)
         c["violating"] += bool(violations)
         c["harness"] += bool(r.get("harness_error") or r.get("cleanup"))
     lines = [header, "",
              "| fault | trials | succeeded | failed | aborted | no record | acked writes lost (trials / blocks) "
-             "| guest errors caused by the destination | other guest errors | workloads left on a damaged side "
+             "| guest errors caused by the destination (trials / requests) | other guest errors (trials / requests) "
+             "| workloads left on a damaged side "
              "| trials with invariant violations | harness errors |",
              "| --- | " + " | ".join(["---:"] * 11) + " |"]
     total = Counter()
@@ -86,8 +91,8 @@ def summary(records: list[dict[str, Any]], header: str) -> str:
 
 def row(name: str, c: Counter) -> str:
     return (f"| {name} | {c['trials']} | {c['outcome_success']} | {c['outcome_failed']} | {c['outcome_aborted']} "
-            f"| {c['outcome_none']} | {c['lost_trials']} / {c['lost_blocks']} | {c['dest_errors']} "
-            f"| {c['other_errors']} | {c['damaged']} | {c['violating']} | {c['harness']} |")
+            f"| {c['outcome_none']} | {c['lost_trials']} / {c['lost_blocks']} | {c['dest_error_trials']} / {c['dest_errors']} "
+            f"| {c['other_error_trials']} / {c['other_errors']} | {c['damaged']} | {c['violating']} | {c['harness']} |")
 
 
 def failing(records: Iterable[dict[str, Any]]) -> list[str]:
@@ -104,5 +109,5 @@ def failing(records: Iterable[dict[str, Any]]) -> list[str]:
                    f"{'; cleanup: ' + '; '.join(r['cleanup'][:3]) if r.get('cleanup') else ''}  \n"
                    f"  repeat: `{r['repro']}`")
         for name in r.get("violations", []):
-            out.append(f"  - `{name}`: {r['invariants'][name]['detail'][:600]}")
+            out.append(f"  - `{name}`: {' '.join(r['invariants'][name]['detail'].split())[:600]}")
     return ["", "Failing trials:", ""] + out if out else ["", "No failing trial."]

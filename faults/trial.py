@@ -336,6 +336,11 @@ def cli_record(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and record.get("state") else None
 
 
+def last_line(path: Path) -> str:
+    lines = tail(path, 2000).strip().splitlines()
+    return lines[-1] if lines else ""
+
+
 def uptime() -> float:
     with open("/proc/uptime") as f:
         return float(f.read().split()[0])
@@ -574,7 +579,7 @@ class Trial:
         ok = done.returncode == 0 and rec.get("state") == "success" and rec.get("id") != first.get("id")
         self.check("next_migration_succeeds", checks.held() if ok else checks.violated(
             f"exit {done.returncode}, record {rec.get('state')}: {rec.get('error')}; "
-            f"{tail(self.root / 'migrate-2.log', 400)}"))
+            f"{last_line(self.root / 'migrate-2.log')}"))
         unexpected, _ = guest_errors(reports, fio, first_round, None, False)
         self.count_guest_errors(unexpected, [])
         self.check("next_guest_saw_no_error", checks.violated("; ".join(unexpected[:5])) if unexpected
