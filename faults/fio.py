@@ -72,10 +72,6 @@ class Verdict:
     unverifiable: list[str] = field(default_factory=list)     # "round 12 (cut short)"
     errors: list[str] = field(default_factory=list)           # fio itself failed
 
-    @property
-    def clean(self) -> bool:
-        return not self.bad and not self.errors
-
     def summary(self) -> str:
         first = "; ".join(f"{d}@{o:#x}: {w}" for d, o, w in self.bad[:3])
         return (f"{len(self.bad)} bad blocks{': ' + first if first else ''}; "

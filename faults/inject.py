@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 from agent.supervisor import process_start_time
 from faults.dest import Destination
