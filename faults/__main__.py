@@ -88,7 +88,8 @@ def command(args: argparse.Namespace) -> list[str]:
 
 def line(r: TrialResult, n: int) -> str:
     f = r.fault or {}
-    what = f"{r.params['fault']['kind']} at {r.params['fault']['moment']} (seen {f.get('phase_seen')}, {f.get('at_s')} s)"
+    drawn = r.params["fault"]
+    what = f"{drawn['kind']} at {drawn['moment']} (seen {f.get('phase_seen')}, {f.get('at_s')} s)"
     name = f"trial {r.index}/{n} seed {r.seed}" if r.index is not None else f"trial seed {r.seed}"
     if r.not_applicable:
         return f"{name}: not applicable: {r.not_applicable}"

@@ -91,8 +91,9 @@ def summary(records: list[dict[str, Any]], header: str) -> str:
 
 def row(name: str, c: Counter) -> str:
     return (f"| {name} | {c['trials']} | {c['outcome_success']} | {c['outcome_failed']} | {c['outcome_aborted']} "
-            f"| {c['outcome_none']} | {c['lost_trials']} / {c['lost_blocks']} | {c['dest_error_trials']} / {c['dest_errors']} "
-            f"| {c['other_error_trials']} / {c['other_errors']} | {c['damaged']} | {c['violating']} | {c['harness']} |")
+            f"| {c['outcome_none']} | {c['lost_trials']} / {c['lost_blocks']} "
+            f"| {c['dest_error_trials']} / {c['dest_errors']} | {c['other_error_trials']} / {c['other_errors']} "
+            f"| {c['damaged']} | {c['violating']} | {c['harness']} |")
 
 
 def failing(records: Iterable[dict[str, Any]]) -> list[str]:

@@ -79,7 +79,8 @@ def run(workroot: Path) -> list[str]:
         assert before == block_pattern("disk0", stale, 0), f"round {later}'s area was written before it"
         patch(source, stale, before)
         verdict = fio.verify(lambda d: ("nbd", vm.uri(d)))
-        assert [o for _, o, _ in verdict.bad] == [stale], f"fio missed the lost write at {stale:#x}: {verdict.summary()}"
+        found = [o for _, o, _ in verdict.bad]
+        assert found == [stale], f"fio missed the lost write at {stale:#x}: {verdict.summary()}"
         shown.append(f"fio caught the lost write at {stale:#x}: {verdict.bad[0][2]}")
 
         # the writer: a block it wrote (maybe several times) goes back to the disk's initial pattern.
