@@ -7,8 +7,9 @@ DEB_PKGS := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd fuse3 \
             qemu-utils qemu-system-common qemu-system-x86 prometheus fio python3-venv \
             e2fsprogs util-linux iproute2 kmod strace
 PYTEST_ARGS ?=
+FAULTS_ARGS ?=
 
-.PHONY: setup deps venv demo test bench clean
+.PHONY: setup deps venv demo test bench faults clean
 
 setup: deps venv
 
@@ -38,6 +39,11 @@ test: setup
 
 bench: setup
 	$(PY) -m benchmarks --out bench
+
+# The randomized fault campaign (README, "Fault campaign"): 100 trials by default, e.g.
+# make faults FAULTS_ARGS="--trials 20 --seed 7" or FAULTS_ARGS="--trial-seed 123456".
+faults: setup
+	$(PY) -m faults --out faults-results $(FAULTS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

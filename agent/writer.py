@@ -456,36 +456,47 @@ class VerifyingWriter:
             out.append(self._block_content(model, o, state, None))
         return b"".join(out)
 
-    def verify_image(self, disk: str, path: str | os.PathLike) -> list[int]:
-        """Offsets of the 4 KiB blocks of a raw file that differ from the model (empty: all good)."""
-        with open(path, "rb") as f:
-            return self._verify(disk, lambda off, n: os.pread(f.fileno(), n, off))
+    def verify_image(self, disk: str, path: str | os.PathLike,
+                     region: tuple[int, int] | None = None) -> list[int]:
+        """Offsets of the 4 KiB blocks of a raw file that differ from the model (empty: all good).
 
-    def verify_nbd(self, disk: str, uri: str) -> list[int]:
+        `region` (start, length), block-aligned, checks only that part: the rest of the disk may
+        belong to another workload (the fault campaign runs fio there).
+        """
+        with open(path, "rb") as f:
+            return self._verify(disk, lambda off, n: os.pread(f.fileno(), n, off), region)
+
+    def verify_nbd(self, disk: str, uri: str, region: tuple[int, int] | None = None) -> list[int]:
         """Like `verify_image`, reading the disk through an NBD server."""
         h = nbd.NBD()
         try:
             h.connect_uri(uri)
             size = h.get_size()
-            return self._verify(disk, lambda off, n: h.pread(min(n, size - off), off) if off < size else b"")
+            return self._verify(disk, lambda off, n: h.pread(min(n, size - off), off) if off < size else b"",
+                                region)
         finally:
             try:
                 h.shutdown()
             except nbd.Error:
                 pass
 
-    def _verify(self, disk: str, read: Callable[[int, int], bytes]) -> list[int]:
+    def _verify(self, disk: str, read: Callable[[int, int], bytes],
+                region: tuple[int, int] | None = None) -> list[int]:
         if any(t.is_alive() for t in self._threads):
             raise RuntimeError("verify while the writer runs: call stop() first")
         model = self._models[disk]
+        start, end = (region[0], region[0] + region[1]) if region else (0, model.size)
+        if start % BLOCK or end % BLOCK or not 0 <= start < end <= model.size:
+            raise ValueError(f"region {region} of disk {disk!r}: must be {BLOCK}-byte aligned inside "
+                             f"its {model.size} bytes")
         initial_file = None
         if model.initial not in (ZEROES, PATTERN):
             initial_file = open(model.initial, "rb")
         bad: list[int] = []
-        either_pieces = {b * BLOCK // VERIFY_READ * VERIFY_READ for b in model.either}
+        either_pieces = {start + (b * BLOCK - start) // VERIFY_READ * VERIFY_READ for b in model.either}
         try:
-            for base in range(0, model.size, VERIFY_READ):
-                n = min(VERIFY_READ, model.size - base)
+            for base in range(start, end, VERIFY_READ):
+                n = min(VERIFY_READ, end - base)
                 data = read(base, n)
                 initial = os.pread(initial_file.fileno(), n, base) if initial_file else None
                 first, last = base // BLOCK, (base + n) // BLOCK

@@ -64,6 +64,26 @@ def test_corrupt_misplaced_and_stale_blocks_are_named(tmp_path: Path, testlib, s
     assert "found pattern" in writer.describe("disk0", misplaced, writer.expected("disk0", corrupt, BLOCK))
 
 
+def test_region_verification_checks_only_its_region(tmp_path: Path, testlib, start_file_server) -> None:
+    """Another workload (fio in the fault campaign) owns the rest of the disk: a region check
+    ignores it, and still names a stale block inside the region."""
+    image = testlib.make_dense_image(tmp_path / "disk0.raw", 8 * MiB)
+    uri = start_file_server(image)
+    region = (3 * MiB, 2 * MiB + 8 * BLOCK)            # not aligned to the 1 MiB verify reads
+    writer, report = run_writer(uri, initial={"disk0": PATTERN}, region=region)
+    assert not report.errors and writer.verify_image("disk0", image, region) == []
+    patch(image, 0, os.urandom(MiB))                                  # someone else's data outside
+    assert writer.verify_nbd("disk0", uri, region) == []
+    assert writer.verify_image("disk0", image)[:1] == [0]             # the whole disk does notice
+    written = [o for o in range(region[0], sum(region), BLOCK)
+               if writer.expected("disk0", o, BLOCK) != block_pattern("disk0", o, 0)]
+    assert written, "the writer changed no block of its region"
+    patch(image, written[-1], block_pattern("disk0", written[-1], 0))  # a lost write: the older version
+    assert writer.verify_nbd("disk0", uri, region) == [written[-1]]
+    with pytest.raises(ValueError, match="aligned"):
+        writer.verify_image("disk0", image, (100, BLOCK))
+
+
 def test_verify_refuses_while_running_and_rate_limit_holds(tmp_path: Path, testlib, start_file_server) -> None:
     image = testlib.make_dense_image(tmp_path / "disk0.raw", 8 * MiB)
     uri = start_file_server(image)
