@@ -46,12 +46,13 @@ from agent.errors import EXIT_INTERNAL, EXIT_USAGE, ConfigError, Refused, Svmoti
 from agent.jsonlines import JsonLinesClient, RemoteError
 from agent.phases import PHASES, Injection, Migration
 from agent.plan import OPTION_ARGS, PARTIAL_SUFFIX, MigrationOptions
-from agent.statefiles import private, private_dir
+from agent.statefiles import private_dir
 from agent.supervisor import Nbdkit
 from agent.verify import VerifyError, verify_disks
 from nbd_plugin.control import (Arg, ArgumentError, Connection, ControlServer, RequestError, arguments,
                                 declared, file_path, power_of_two, shown, takes)
 from nbd_plugin.dirtymap import MAX_GRANULARITY, MIN_GRANULARITY
+from nbd_plugin.durable import replace_json
 from nbd_plugin.served import read_record, resolve_renamed
 
 log = logging.getLogger("svmotion.agent")
@@ -61,13 +62,8 @@ ABORT_WAIT_S = 15.0
 
 
 def write_json(path: str, data: Any) -> None:
-    """Atomically replace a small JSON state file (a crash leaves the old or the new one); mode 0600."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", opener=private) as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Atomically and durably replace a small JSON state file, mode 0600 (nbd_plugin/durable.py)."""
+    replace_json(path, data)
 
 
 def read_json(path: str) -> Any:
@@ -119,6 +115,9 @@ class Agent:
         self._refuse_second_agent()
         for vm in self.config.vms:
             self.paths[vm.name] = self._current_paths(vm)
+            last = read_json(self._state(vm.name, "last.json"))
+            if isinstance(last, dict):
+                self.last[vm.name] = last
         for vm in self.config.vms:
             self._bring_up(vm)
             self._recover(vm)
@@ -283,9 +282,15 @@ class Agent:
         record = {"id": journal.get("id"), "vm": vm.name, "state": "failed", "phase": "Cleanup",
                   "error": f"interrupted: the agent stopped during the migration and {why}",
                   "warnings": ["recovered by a restarted agent"], "kept_partials": sorted(kept)}
-        with self._lock:
-            self.last[vm.name] = record
+        self._remember_last(vm.name, record)
         os.unlink(self._state(vm.name, "migration.json"))
+
+    def _remember_last(self, vm: str, record: dict[str, Any]) -> None:
+        """The VM's last migration record, kept in state_dir before the journal goes, so that an
+        agent restarted right after a migration still knows how it ended (and the CLI too)."""
+        write_json(self._state(vm, "last.json"), record)
+        with self._lock:
+            self.last[vm] = record
 
     def _journal_writer(self, vm: VmConfig) -> Any:
         """Where a migration of `vm` keeps its journal, stamped with the nbdkit that runs it."""
@@ -400,8 +405,7 @@ class Agent:
         # new_paths is set once the switchover is done: also when a verification failed after it.
         if migration.new_paths is not None:
             self._save_paths(name, migration.new_paths)
-        with self._lock:
-            self.last[name] = migration.to_dict(samples=True)
+        self._remember_last(name, migration.to_dict(samples=True))
         try:
             os.unlink(self._state(name, "migration.json"))
         except FileNotFoundError:

@@ -538,12 +538,13 @@ class Migration:
         # destination durable here, outside any stun, before the source may be deleted.
         # Set first: whatever fails below, the destination is where the VM lives now.
         self.new_paths = self.planned_paths()
-        for disk in self.plan:
-            fsync_file(disk.final)
         # `paths`: the files were renamed at DiskCopyDone; the plugin must reopen (legacy) and
-        # report them by their final names. (An extension of the `finish` op; see the report.)
+        # report them by their final names. Before the fsyncs: a destination that fails them must
+        # not leave the disks switched but unfinished (the next migration would be refused).
         self._call("finish", paths={d.name: d.final for d in self.plan})
         self._inject_at("Cleanup.finished")
+        for disk in self.plan:
+            fsync_file(disk.final)
         # Verification comes first: a source that does not provably match is kept.
         if self.options.verify and self.verification is None:
             self.warnings.append("not verified (an error after the switchover, see above): the source is kept")
@@ -695,6 +696,7 @@ class Migration:
         log.info("vm %s: %s pass %d: %s in %.3f s, %s dirty remain%s", self.vm.name, kind, result["n"],
                  human_bytes(done), seconds, human_bytes(result["dirty_after"]),
                  f", errors: {'; '.join(errors)}" if errors else "")
+        refuse_broken_mirrors(status)
         return result
 
     def _measure_rate(self, result: dict[str, Any]) -> None:
@@ -711,16 +713,15 @@ class Migration:
         """Dirty passes until what remains fits the stun budget at the measured copy rate."""
         for _ in range(self.options.max_passes):
             self._checkpoint()
-            dirty = total_dirty(self._status())
+            status = self._status()
+            refuse_broken_mirrors(status)
+            dirty = total_dirty(status)
             budget = self._rate() * self.options.stun_budget
             if dirty <= budget:
                 return
             result = self._copy_pass("dirty")
             metrics.count_pass(self.vm.name)
             self._measure_rate(result)
-            broken = [e for e in result["errors"] if "mirror failed" in e]
-            if broken:
-                raise MigrationFailed(broken[0])
             if result["errors"] and result["dirty_after"] >= result["dirty_before"]:
                 raise MigrationFailed(f"copy to the destination failed: {result['errors'][0]}; "
                                       f"check the destination's space and health")
@@ -826,6 +827,15 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def refuse_broken_mirrors(status: dict[str, Any]) -> None:
+    """A mirror the node marked failed (a destination flush or write-back error) ends the migration:
+    acknowledged data may be missing from that destination, and no copy pass can say which."""
+    for name, disk in status["disks"].items():
+        if disk.get("mirror_failed"):
+            raise MigrationFailed(f"disk {name}: mirror failed: {disk['mirror_failed']}; the destination "
+                                  f"lost data it had acknowledged: check its storage")
 
 
 def total_dirty(status: dict[str, Any]) -> int:

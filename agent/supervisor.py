@@ -30,6 +30,7 @@ from agent.errors import SvmotionError
 from agent.jsonlines import JsonLinesClient
 from agent.statefiles import private
 from nbd_plugin import plugin_pythonpath, plugin_script
+from nbd_plugin.durable import replace_json
 
 log = logging.getLogger("svmotion.supervisor")
 
@@ -229,10 +230,7 @@ class Nbdkit:
         # None here means it already exited (alive() says so, and _wait_ready shows the log).
         self._start_time = process_start_time(self.pid)
         deadline = time.monotonic() + READY_TIMEOUT_S
-        tmp = self.pid_file + ".tmp"
-        with open(tmp, "w", opener=private) as f:
-            f.write(json.dumps({"pid": self.pid, "start_time": self._start_time}))
-        os.replace(tmp, self.pid_file)
+        replace_json(self.pid_file, {"pid": self.pid, "start_time": self._start_time})
         self.hello = self._wait_ready(deadline)
         log.info("vm %s: started nbdkit pid %d", self.vm.name, self.pid)
 

@@ -14,6 +14,10 @@ Design notes
     4. on any error, set the bits again: the run is retried by a later pass, never lost.
 - A pass stops after several consecutive failed runs (a full or broken destination) and reports
   the first error; the agent decides to fail the migration. The guest never sees it.
+- A write-back error is worse than a failed run: the kernel reports it once, for whichever range
+  failed (maybe an older one), and marks those pages clean, so no later sync of the destination
+  sees it again. Data the dirty map calls copied may be lost, so the mirror is marked failed (as
+  a failed flush marks it, mirror.py) and the pass stops: the migration must not switch over.
 - Rate limit: data bytes (not holes) are paced against the requested bytes per second.
 - Write-behind: a background pass starts the write-back of each run it copied and waits for the
   oldest runs once more than WRITE_BEHIND_BYTES are on their way, so the copy runs at the
@@ -187,9 +191,13 @@ def copy_pass(source: FileBackend, mirror: Mirror, stats: DiskStats, progress: P
         if behind is not None and copied:
             try:
                 behind.copied(chunk << mirror.map.shift, mirror.map.chunk_bytes(chunk, last))
-            except OSError as err:  # copied data may not have reached the destination: fail the pass
+            except OSError as err:
+                # Copied data may not have reached the destination, and the error names no range
+                # (see the notes): as after a failed flush, the mirror is broken.
                 stats.error("dest", "write_back")
-                first_error = first_error or f"destination write-back: {err.strerror}"
+                mirror.failed = mirror.failed or f"destination write-back failed: {err.strerror}"
+                progress.error = first_error or f"destination write-back: {err.strerror}"
+                return
         progress.done_bytes += copied
         stats.copied(progress.kind, copied)
         if rate:

@@ -12,9 +12,8 @@ Design notes
   equal and no guest request runs), then this record names the destinations, then the disks
   switch in memory. A crash between the record and the switch is harmless: under the drained
   stun source and destination hold the same bytes, so restarting on either loses nothing.
-- Atomic and durable: written to a temporary file, fsynced, renamed over the record, and the
-  directory fsynced; a crash leaves the old record or the new one. Mode 0600: it names disk
-  paths.
+- Atomic and durable (durable.py): a crash leaves the old record or the new one. Mode 0600: it
+  names disk paths.
 - The record is also written at start (the paths nbdkit was given) and at `finish` (the final
   names after the agent renamed `*.svmotion-partial`). Between that rename and `finish` it
   names a partial path that no longer exists: readers resolve that with `resolve_renamed`.
@@ -25,24 +24,14 @@ import json
 import os
 from typing import Any
 
+from .durable import replace_json
+
 PARTIAL_SUFFIX = ".svmotion-partial"
 
 
 def write_record(path: str, vm: str, disks: dict[str, str]) -> None:
     """Atomically and durably replace the record at `path`: {"vm": vm, "disks": {name: path}}."""
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, json.dumps({"vm": vm, "disks": disks}, indent=1).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_json(path, {"vm": vm, "disks": disks})
 
 
 def read_record(path: str) -> dict[str, Any] | None:

@@ -213,3 +213,16 @@ def test_agent_and_nbdkit_killed_mid_copy_leave_the_partial_for_the_next_migrati
     assert record["passes"][0]["kind"] == "load"
     assert copied_bytes(vm) <= size // 2 + size // 20, "the load pass copied more than the missing half"
     assert testlib.same_content(vm.disks["disk0"], dest_dir / "disk0.raw") == []
+
+
+def test_the_end_of_a_migration_survives_an_agent_restart(agent_vm, dest_dir: Path) -> None:
+    """The fault campaign found an agent killed right after a migration ended forgetting how it ended."""
+    vm = agent_vm(n_disks=1, size=8 * MiB)
+    done = vm.cli("migrate", vm.name, "--dest", str(dest_dir), "--json")
+    assert done.returncode == 0, done.stderr
+    ended = json.loads(done.stdout)
+    vm.kill_agent()
+    vm.start()
+    last = vm.status()["last"]
+    assert last is not None and last["id"] == ended["id"] and last["state"] == "success", last
+    assert (vm.state / f"{vm.name}.last.json").stat().st_mode & 0o777 == 0o600

@@ -7,7 +7,8 @@ destination is a file on ext4 on a loop device over nbdfuse over nbdkit's `memor
 the `error` filter, which fails every NBD write while a trigger file exists. The mirror node
 copies a disk into it under a verifying random writer, the trigger file is present from the
 start: the bulk pass must fail with the write-back's error and count it as `dest:write_back`,
-the writer must see no error, and after the abort the source must hold exactly what the writer
+the mirror must be marked failed so that no switchover can follow (the fault campaign found a
+migration switching over onto such a destination), the writer must see no error, and after the abort the source must hold exactly what the writer
 wrote.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Iterator
 import pytest
 
 from agent import attach as attach_mod
+from agent.jsonlines import RemoteError
 from agent.writer import PATTERN, VerifyingWriter
 
 pytestmark = pytest.mark.kernel
@@ -87,6 +89,12 @@ def test_a_failing_destination_write_back_fails_the_copy_and_spares_the_guest(
         assert disk["copy"]["error"] and "destination write-back" in disk["copy"]["error"], disk["copy"]
         assert "Input/output error" in disk["copy"]["error"], disk["copy"]
         assert disk["errors"].get("dest:write_back", 0) >= 1, disk["errors"]
+        # Data the dirty map calls copied may be lost: the mirror is broken and cannot switch over.
+        assert disk["mirror_failed"] and "write-back" in disk["mirror_failed"], disk
+        stun_id = ctl.call("stun", kind="switchover")["stun_id"]
+        with pytest.raises(RemoteError, match="write-back failed"):
+            ctl.call("switchover", stun_id=stun_id)
+        ctl.call("unstun", stun_id=stun_id)
         ctl.call("abort")
         assert ctl.call("status")["disks"]["disk0"]["state"] == "passthrough"
         time.sleep(0.2)  # the guest keeps writing on the source alone
