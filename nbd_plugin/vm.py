@@ -314,14 +314,18 @@ class VM:
         """Open the gate and record what the guest felt; the caller holds _control."""
         if stun.timer is not None:
             stun.timer.cancel()
-        release = self.gate.open()
         record = stun.record
-        record.duration_seconds = time.monotonic() - stun.begun
+        try:
+            # open() releases the guest before it checks the gate's invariant: if that check
+            # ever failed, the guest goes on and the stun still ends here.
+            release = self.gate.open()
+        finally:
+            record.duration_seconds = time.monotonic() - stun.begun
+            record.outcome = outcome
+            self._stun = None
+            self.stuns.append(record)
         record.held_requests = release.held_requests
         record.max_wait_seconds = release.max_wait_seconds
-        record.outcome = outcome
-        self._stun = None
-        self.stuns.append(record)
         return record
 
     def _expire(self, stun_id: str) -> None:

@@ -75,6 +75,7 @@ class AgentProcess:
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
     _logs: int = 0
+    _background: list[subprocess.Popen[str]] = field(default_factory=list)  # CLIs, stopped by `stop`
 
     def __post_init__(self) -> None:
         if self.config is None:
@@ -169,8 +170,11 @@ class AgentProcess:
                               timeout=timeout)
 
     def cli_background(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(cli_argv(self.socket, *args), cwd=ROOT, stdout=subprocess.PIPE,
+        """The CLI in the background; `stop` kills it (by PID) if it is still running then."""
+        proc = subprocess.Popen(cli_argv(self.socket, *args), cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
+        self._background.append(proc)
+        return proc
 
     def status(self) -> dict[str, Any]:
         """The VM's entry of the agent's `status`."""
@@ -222,6 +226,11 @@ class AgentProcess:
                 self.proc.kill()
                 self.proc.wait()
         stop_recorded_nbdkit(self.pid_file)
+        for cli in self._background:   # a test that failed before reading its CLI's result
+            if cli.poll() is None:
+                cli.kill()
+            cli.communicate()
+        self._background.clear()
 
 
 def stop_recorded_nbdkit(pid_file: Path) -> None:

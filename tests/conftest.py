@@ -11,6 +11,12 @@ Design notes
   holes exactly where the test wants them).
 - The mirror node is started exactly as docs/interfaces.md section 1 says; the fixture waits until
   both the NBD socket and the control socket answer, and puts nbdkit's log in the error if not.
+- A run always ends. A test stops the threads it starts even when it fails (try/finally or a
+  fixture). As a safety net, `pytest_unconfigure` (after the summary) waits a few seconds for
+  non-daemon threads still running, then names them with their stacks and ends the process with
+  `os._exit`, failed: left alone, the interpreter would join them at exit, forever.
+  pytest-timeout (pyproject, `signal` method) cannot do this: it fails a test that runs too long
+  by raising in the main thread, and the threads that test started live on after it.
 """
 from __future__ import annotations
 
@@ -21,7 +27,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -336,3 +344,51 @@ def testlib():
     pytest keeps only the last one imported under that name.
     """
     return _THIS_MODULE
+
+
+# ---- threads a test left running ------------------------------------------------------------
+
+LEFTOVER_GRACE_S = 10.0
+_EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """End the process now if a test left a non-daemon thread running (see the design notes)."""
+    left = threads_still_running(LEFTOVER_GRACE_S)
+    if not left:
+        return
+    frames = sys._current_frames()
+    lines = [f"{len(left)} non-daemon threads still running {LEFTOVER_GRACE_S:.0f} s after the last "
+             "test: a test did not stop them. Ending the run here instead of waiting for them."]
+    for thread in left:
+        stack = frames.get(thread.ident) if thread.ident is not None else None
+        lines.append(f"--- {thread.name}:\n" + ("".join(traceback.format_stack(stack)) if stack else "(no stack)"))
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_sep("!", "threads left running")
+        for line in lines:
+            reporter.write_line(line)
+        reporter.flush()
+    else:
+        print("\n".join(lines), file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(config.stash.get(_EXIT_STATUS, 0) or pytest.ExitCode.TESTS_FAILED)
+
+
+def threads_still_running(grace: float) -> list[threading.Thread]:
+    """Non-daemon threads other than the main one that are alive after waiting up to `grace` s."""
+    deadline = time.monotonic() + grace
+    left = []
+    for thread in threading.enumerate():
+        if thread is threading.main_thread() or thread.daemon:
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            left.append(thread)
+    return left

@@ -141,17 +141,19 @@ def test_ext4_workload_survives_live_migration(strategy: str, tmp_path: Path, ke
 
     workload = FileWorkload(mnt / "work", seed=hash(strategy) & 0xFFFF)
     workload.start()
-    wait_ops(workload, 40)
-    ops_before = workload.ops
-    dest = tmp_path / "dest"
-    dest.mkdir()
-    record = agent.migrate(dest, "--stun-strategy", strategy, "--rate", "4M")
-    ops_at_switchover = workload.ops
-    print(f"{strategy}: ops before {ops_before}, at switchover {ops_at_switchover}; "
-          f"phases {[(p.get('name'), round(p.get('seconds') or 0, 2)) for p in record['phases']]}; "
-          f"stuns {[round(s.get('duration_seconds') or 0, 4) for s in record['stuns']]}")
-    wait_ops(workload, ops_at_switchover + 40)      # these writes reach the destination only
-    workload.stop()
+    try:   # stopped even on failure: it holds files open on the mount the fixtures unmount
+        wait_ops(workload, 40)
+        ops_before = workload.ops
+        dest = tmp_path / "dest"
+        dest.mkdir()
+        record = agent.migrate(dest, "--stun-strategy", strategy, "--rate", "4M")
+        ops_at_switchover = workload.ops
+        print(f"{strategy}: ops before {ops_before}, at switchover {ops_at_switchover}; "
+              f"phases {[(p.get('name'), round(p.get('seconds') or 0, 2)) for p in record['phases']]}; "
+              f"stuns {[round(s.get('duration_seconds') or 0, 4) for s in record['stuns']]}")
+        wait_ops(workload, ops_at_switchover + 40)      # these writes reach the destination only
+    finally:
+        workload.stop()
 
     assert not workload.errors, workload.errors
     assert ops_at_switchover > ops_before, "the workload made no progress while the disk migrated"

@@ -238,12 +238,16 @@ def test_concurrent_connections_write_disjoint_regions(pair: Pair) -> None:
         except BaseException as err:  # collected and re-raised in the test thread
             errors.append(err)
 
-    threads = [threading.Thread(target=run, args=(uri, lane))
+    threads = [threading.Thread(target=run, args=(uri, lane), daemon=True)
                for uri in (pair.ours_uri, pair.ref_uri) for lane in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    try:
+        for t in threads:
+            t.start()
+    finally:
+        for t in threads:
+            if t.ident is not None:
+                t.join(60)
+    assert not any(t.is_alive() for t in threads), "a connection still writing after 60 s"
     assert not errors, errors
     pair.assert_same("concurrent writes")
 
@@ -255,8 +259,10 @@ def test_verifying_writer_over_several_connections(pair: Pair, tmp_path: Path) -
     writer = VerifyingWriter({"disk0": pair.ours_uri}, initial={"disk0": initial}, connections=4,
                              queue_depth=8, zero_ratio=0.05, trim_ratio=0.05, fua_ratio=0.1, seed=2)
     writer.start()
-    threading.Event().wait(1.5)
-    report = writer.stop()
+    try:
+        threading.Event().wait(1.5)
+    finally:
+        report = writer.stop()
     assert not report.errors, report.errors[:5]
     assert report.writes > 100 and report.flushes > 0 and report.fua_writes > 0, report.summary()
     assert writer.verify_nbd("disk0", pair.ours_uri) == []

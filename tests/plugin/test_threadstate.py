@@ -45,7 +45,12 @@ def munmap_calls_during(pid: int, work) -> int:
         work()
     finally:
         tracer.send_signal(signal.SIGINT)
-        _, summary = tracer.communicate(timeout=20)
+        try:
+            _, summary = tracer.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            tracer.kill()     # never leave strace attached to the server
+            tracer.communicate()
+            raise
     match = re.search(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?munmap$", summary, re.M)
     return int(match.group(1)) if match else 0
 

@@ -20,8 +20,11 @@ MiB = 1024 * 1024
 def run_writer(uri: str, seconds: float = 0.7, **options) -> tuple[VerifyingWriter, object]:
     writer = VerifyingWriter({"disk0": uri}, seed=3, **options)
     writer.start()
-    time.sleep(seconds)
-    return writer, writer.stop()
+    try:
+        time.sleep(seconds)
+    finally:
+        report = writer.stop()
+    return writer, report
 
 
 def patch(path: Path, offset: int, data: bytes) -> None:
@@ -89,10 +92,12 @@ def test_verify_refuses_while_running_and_rate_limit_holds(tmp_path: Path, testl
     uri = start_file_server(image)
     writer = VerifyingWriter({"disk0": uri}, initial={"disk0": PATTERN}, rate=1 * MiB, seed=5)
     writer.start()
-    with pytest.raises(RuntimeError, match="stop"):
-        writer.verify_image("disk0", image)
-    time.sleep(1.0)
-    report = writer.stop()
+    try:
+        with pytest.raises(RuntimeError, match="stop"):
+            writer.verify_image("disk0", image)
+        time.sleep(1.0)
+    finally:
+        report = writer.stop()
     # 1 MiB/s for about a second, plus the short burst the limiter allows: never several MiB.
     assert report.bytes_written <= 2 * MiB, report.summary()
     assert writer.verify_image("disk0", image) == []
