@@ -22,7 +22,7 @@ from typing import Any, Callable
 import click
 
 from agent.config import DEFAULT_AGENT_SOCKET, load_config
-from agent.errors import (EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, AgentUnreachable, SvmotionError, die,
+from agent.errors import (EXIT_INTERNAL, EXIT_OK, EXIT_VERIFY, AgentUnreachable, SvmotionError, die,
                           exit_code_of)
 from agent.jsonlines import JsonLinesClient, RemoteError
 from agent.plan import MIRROR_MODES, STRATEGIES, human_bytes

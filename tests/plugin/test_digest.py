@@ -109,62 +109,6 @@ def test_a_load_pass_reports_what_it_compared_and_copied(tmp_path: Path) -> None
         dest.close()
 
 
-def test_a_guest_write_into_a_chunk_being_loaded_waits_and_is_not_overwritten(
-        tmp_path: Path, small_tmpfs, monkeypatch) -> None:
-    """The load run compared chunk 0 (it differs) and is about to write it; a guest write arrives."""
-    src_path = tmp_path / "src.raw"
-    src_path.write_bytes(b"\xaa" * MiB)
-    # On another file system copy_file_range says EXDEV and the copy goes through os.pwrite,
-    # the gap this test stops the load run in.
-    dst_path = small_tmpfs(8 * MiB) / "dst.raw"
-    dst_path.write_bytes(b"\x55" * MiB)
-    source, dest = FileBackend(str(src_path)), FileBackend(str(dst_path))
-    pool = ThreadPoolExecutor(2)
-    mirror = Mirror(dest, "sync", G, MiB, pool, DiskStats())
-    loader: list[int] = []
-    paused, go = threading.Event(), threading.Event()
-    real_pwrite = os.pwrite
-
-    def pwrite_pausing_the_loader(fd: int, data, offset: int) -> int:
-        if fd == dest.fd and threading.get_ident() in loader and not paused.is_set():
-            paused.set()
-            go.wait(5)
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", pwrite_pausing_the_loader)
-    new = b"\xbb" * (4 * KiB)
-    guest_done = threading.Event()
-
-    def load() -> None:
-        loader.append(threading.get_ident())
-        load_run(source, mirror, 0, 0)
-
-    def guest() -> None:
-        mirror.update("pwrite", lambda: source.pwrite(new, 0), lambda: dest.pwrite(new, 0), 0, len(new), False)
-        guest_done.set()
-
-    threads = [threading.Thread(target=load), threading.Thread(target=guest)]
-    try:
-        threads[0].start()
-        assert paused.wait(5), "the load run never reached its write"
-        threads[1].start()
-        assert not guest_done.wait(0.3), "a guest write went into a chunk while the load run held it"
-        go.set()
-        for t in threads:
-            t.join(5)
-        assert guest_done.is_set()
-        assert os.pread(dest.fd, len(new), 0) == new, "the load run's older data overwrote the guest write"
-        assert os.pread(dest.fd, G - len(new), len(new)) == b"\xaa" * (G - len(new))
-    finally:
-        go.set()
-        for t in threads:
-            if t.ident is not None:
-                t.join(5)
-        pool.shutdown()
-        source.close()
-        dest.close()
-
-
 def switched_disk(tmp_path: Path, pool: ThreadPoolExecutor) -> Disk:
     """A disk migrated to tmp_path/dst.raw: copied, switched over."""
     write_extents(tmp_path / "src.raw", 16 * G, [(0, 16 * G, 3)])
