@@ -16,7 +16,16 @@ from nbd_plugin.threadstate import PinnedThreadStates
 
 API_VERSION = 2
 _path = None
-_threads = PinnedThreadStates()
+
+
+class Handle:
+    """One connection: the image's fd and the thread states its workers pinned."""
+
+    __slots__ = ("fd", "pinned")
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.pinned = PinnedThreadStates()
 
 
 def config(key, value):
@@ -31,27 +40,27 @@ def thread_model():
 
 
 def open(readonly):
-    return os.open(_path, os.O_RDONLY if readonly else os.O_RDWR)
+    return Handle(os.open(_path, os.O_RDONLY if readonly else os.O_RDWR))
 
 
-def close(fd):
-    os.close(fd)
-    _threads.reap()
+def close(h):
+    os.close(h.fd)
+    h.pinned.release()
 
 
-def get_size(fd):
-    return os.fstat(fd).st_size
+def get_size(h):
+    return os.fstat(h.fd).st_size
 
 
-def pread(fd, buf, offset, flags):
-    _threads.pin()
-    buf[:] = os.pread(fd, len(buf), offset)
+def pread(h, buf, offset, flags):
+    h.pinned.pin()
+    buf[:] = os.pread(h.fd, len(buf), offset)
 
 
-def pwrite(fd, buf, offset, flags):
-    _threads.pin()
-    os.pwrite(fd, buf, offset)
+def pwrite(h, buf, offset, flags):
+    h.pinned.pin()
+    os.pwrite(h.fd, buf, offset)
 
 
-def flush(fd, flags):
-    os.fdatasync(fd)
+def flush(h, flags):
+    os.fdatasync(h.fd)

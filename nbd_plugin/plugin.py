@@ -25,7 +25,6 @@ API_VERSION = 2
 _config: dict = {"vm": None, "disks": [], "control": None, "lease": 2.0, "state": None}
 _vm: VM | None = None
 _server: ControlServer | None = None
-_threads = PinnedThreadStates()
 
 
 class ConfigError(Exception):
@@ -92,12 +91,13 @@ def default_export(readonly: bool, is_tls: bool) -> str:
 
 
 class Handle:
-    """One client connection to one disk."""
+    """One client connection to one disk, and the Python thread states its worker threads pinned."""
 
-    __slots__ = ("disk",)
+    __slots__ = ("disk", "pinned")
 
     def __init__(self, disk):
         self.disk = disk
+        self.pinned = PinnedThreadStates()
 
 
 def open(readonly: bool) -> Handle:
@@ -110,8 +110,8 @@ def open(readonly: bool) -> Handle:
 
 
 def close(h: Handle) -> None:
-    # This connection's worker threads are ending; their pinned Python thread states can go.
-    _threads.reap()
+    # nbdkit has joined this connection's worker threads: their pinned Python thread states can go.
+    h.pinned.release()
 
 
 def get_size(h: Handle) -> int:
@@ -156,35 +156,35 @@ def can_cache(h: Handle) -> int:
 
 
 def pread(h: Handle, buf: bytearray, offset: int, flags: int) -> None:
-    _call(h.disk.pread, buf, offset)
+    _call(h, h.disk.pread, buf, offset)
 
 
 def pwrite(h: Handle, buf: bytes, offset: int, flags: int) -> None:
-    _call(h.disk.pwrite, buf, offset, bool(flags & nbdkit.FLAG_FUA))
+    _call(h, h.disk.pwrite, buf, offset, bool(flags & nbdkit.FLAG_FUA))
 
 
 def flush(h: Handle, flags: int) -> None:
-    _call(h.disk.flush)
+    _call(h, h.disk.flush)
 
 
 def trim(h: Handle, count: int, offset: int, flags: int) -> None:
-    _call(h.disk.trim, count, offset, bool(flags & nbdkit.FLAG_FUA))
+    _call(h, h.disk.trim, count, offset, bool(flags & nbdkit.FLAG_FUA))
 
 
 def zero(h: Handle, count: int, offset: int, flags: int) -> None:
-    _call(h.disk.zero, count, offset, bool(flags & nbdkit.FLAG_MAY_TRIM),
+    _call(h, h.disk.zero, count, offset, bool(flags & nbdkit.FLAG_MAY_TRIM),
           bool(flags & nbdkit.FLAG_FAST_ZERO), bool(flags & nbdkit.FLAG_FUA))
 
 
 def extents(h: Handle, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
     hole = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
-    runs = _call(h.disk.extents, count, offset)
+    runs = _call(h, h.disk.extents, count, offset)
     return [(off, length, 0 if is_data else hole) for off, length, is_data in runs]
 
 
-def _call(op, *args):
-    """Run one disk op inside the stun gate; give nbdkit the source's errno."""
-    _threads.pin()
+def _call(h: Handle, op, *args):
+    """Run one disk op of connection `h` inside the stun gate; give nbdkit the source's errno."""
+    h.pinned.pin()
     gate = _vm.gate
     gate.enter()
     try:

@@ -1,4 +1,4 @@
-"""Python thread states pinned to nbdkit's worker threads, and reaped once those threads exit.
+"""Python thread states pinned to the threads that serve one nbdkit connection, released at its close.
 
 Design notes
 - Why: nbdkit's python plugin wraps every callback in PyGILState_Ensure/PyGILState_Release. A
@@ -7,55 +7,81 @@ Design notes
   maps with mmap, an munmap (which shoots down TLBs on every CPU), a gettid. `perf trace` of a
   max-rate 4 KiB writer showed one mmap/munmap pair per request; pinning took the same mirror
   node from about 13k to about 45k write IOPS (benchmarks/ANALYSIS.md has the measured runs).
-- How: the first data callback on a worker thread calls PyGILState_Ensure once more and never
+- How: the first data callback on a thread calls PyGILState_Ensure once more and never
   releases it. The thread's count then never drops to zero, nbdkit's own Release at the end of
   each callback only gives up the GIL, and the state lives on between callbacks.
-- Reaping: nbdkit ends a connection's worker threads when the connection closes, and their
-  pinned states would stay behind (about 17 KiB each). `reap()` clears and deletes the state of
-  every pinned thread whose tid has left /proc/self/task. That is a fact about the thread, not a
-  guess about nbdkit's order of joining threads and calling `close`; a state whose thread is
-  still running is left for a later reap.
-- Thread idents (pthread_t) are reused by new threads; a reused ident finds the dead thread's
-  entry, skips pinning until that entry is reaped, and pins on its next callback after that.
+- Whose states: a connection's. An nbdkit worker thread serves one connection for its whole
+  life (server/connections.c: `connection_worker` loops on its connection until the client is
+  done), so the pinned states are kept per connection, in the handle `open` returned.
+- When they go: in that connection's `close`. nbdkit calls `.close` only after it has joined
+  every worker thread of the connection (`handle_single_connection`: pthread_join of each
+  worker, then `backend_finalize`, then `free_connection`, which calls `.close`). A joined
+  thread runs no more code, so nothing can use its state any more: PyThreadState_Clear and
+  PyThreadState_Delete from the closing thread, under the GIL, are then what the thread's own
+  last PyGILState_Release would have done. With one worker (`--threads 1`) nbdkit serves the
+  requests on the connection thread itself, the one that runs `.close`: that state is still
+  current, so it is unpinned with the matching PyGILState_Release instead, and nbdkit's own
+  Release at the end of `close` deletes it.
+- Never by thread liveness. The first version reaped, in any connection's `close`, the states
+  of threads whose tid had left /proc/self/task. The listing and the dict were read at two
+  moments with the GIL released in between (os.listdir), so a thread started after the listing
+  that pinned meanwhile was judged dead: its state was cleared and freed while it ran. nbdkit
+  then died within a second of connection churn (SIGSEGV in PyEval_RestoreThread and
+  _PyEval_EvalFrameDefault, or `Fatal Python error: take_gil: PyMUTEX_LOCK(gil->mutex) failed`
+  when take_gil found a freed tstate->interp); tests/plugin/test_threadstate.py reproduces it.
+- "Is this thread pinned?" is a threading.local flag, not a dict by thread ident. The flag lives
+  in the thread state's own dict, so it exists exactly as long as the pinned state: a new
+  thread that gets a dead thread's ident (glibc reuses them at once) starts unpinned.
 """
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
+
+PyGILState_LOCKED = 0  # CPython's enum value: the thread already held the GIL at Ensure
 
 _api = ctypes.pythonapi
 _api.PyGILState_Ensure.restype = ctypes.c_int
+_api.PyGILState_Release.argtypes = [ctypes.c_int]
 _api.PyThreadState_Get.restype = ctypes.c_void_p
 _api.PyThreadState_Clear.argtypes = [ctypes.c_void_p]
 _api.PyThreadState_Delete.argtypes = [ctypes.c_void_p]
 
+_this_thread = threading.local()  # .pinned: True once this thread's state is pinned
+
 
 class PinnedThreadStates:
-    """The pinned state of every worker thread that has served a request, by thread ident.
+    """The pinned Python thread states of the threads serving one nbdkit connection.
 
-    Example: `states.pin()` first thing in every data callback; `states.reap()` in `close`.
-    Both run with the GIL held (inside nbdkit callbacks), which is what guards the dict."""
+    Example: `h.pinned = PinnedThreadStates()` in `open`; `h.pinned.pin()` first thing in every
+    data callback; `h.pinned.release()` in `close`. Both run with the GIL held (inside nbdkit
+    callbacks), which is what guards the list.
+    """
 
     def __init__(self) -> None:
-        self._pinned: dict[int, tuple[int, int]] = {}  # ident -> (tid, PyThreadState*)
+        self._states: list[int] = []  # PyThreadState* of each pinned thread
 
     def pin(self) -> None:
-        ident = threading.get_ident()
-        if ident in self._pinned:
+        if getattr(_this_thread, "pinned", False):
             return
+        # Inside a callback the thread holds the GIL: Ensure only counts up (PyGILState_LOCKED).
         _api.PyGILState_Ensure()
-        self._pinned[ident] = (threading.get_native_id(), _api.PyThreadState_Get())
+        _this_thread.pinned = True
+        self._states.append(_api.PyThreadState_Get())
 
-    def reap(self) -> int:
-        """Delete the states of pinned threads that have exited; return how many."""
-        alive = {int(tid) for tid in os.listdir("/proc/self/task")}
-        dead = [ident for ident, (tid, _) in self._pinned.items() if tid not in alive]
-        for ident in dead:
-            _, state = self._pinned.pop(ident)
-            _api.PyThreadState_Clear(state)
-            _api.PyThreadState_Delete(state)
-        return len(dead)
+    def release(self) -> int:
+        """Unpin every state of this connection (in `close`: its workers are joined); return how many."""
+        current = _api.PyThreadState_Get()
+        for state in self._states:
+            if state == current:
+                del _this_thread.pinned
+                _api.PyGILState_Release(PyGILState_LOCKED)
+            else:
+                _api.PyThreadState_Clear(state)
+                _api.PyThreadState_Delete(state)
+        released = len(self._states)
+        self._states.clear()
+        return released
 
     def __len__(self) -> int:
-        return len(self._pinned)
+        return len(self._states)
