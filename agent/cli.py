@@ -297,6 +297,8 @@ main.add_command(report)
 from agent.cli_attach import attach_cmd, detach_cmd  # noqa: E402  (svmotion attach VM DISK, detach DEVICE)
 main.add_command(attach_cmd)
 main.add_command(detach_cmd)
+from agent.cli_tls import tls  # noqa: E402  (svmotion tls init DIR --host NAME...)
+main.add_command(tls)
 
 
 if __name__ == "__main__":
