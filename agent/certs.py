@@ -24,9 +24,7 @@ Design notes
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import os
-import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,15 +35,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import Refused
+from agent.remote import Name, parse_name
 
 CA_CERT, CA_KEY = "ca-cert.pem", "ca-key.pem"
 HOST_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem")
 DEFAULT_DAYS = 3650
 MAX_DAYS = 36500
 CLOCK_SKEW = datetime.timedelta(minutes=5)     # certificates are valid from a little before now
-_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-
-Name = str | ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
@@ -57,20 +53,6 @@ class Host:
 
     dir_name: str
     names: tuple[Name, ...]
-
-
-def parse_name(text: str) -> Name:
-    """A DNS name or an IP address (IPv6 with or without brackets); raise ValueError saying the rule."""
-    bare = text.strip("[]") if text.startswith("[") and text.endswith("]") else text
-    try:
-        return ipaddress.ip_address(bare)
-    except ValueError:
-        pass
-    labels = text.rstrip(".").split(".")
-    if len(text) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
-        raise ValueError(f"{text!r} is neither a host name (letters, digits and '-' in dot-separated labels) "
-                         "nor an IP address")
-    return text.rstrip(".").lower()
 
 
 def parse_host(text: str) -> Host:

@@ -15,6 +15,8 @@ Design notes
 """
 from __future__ import annotations
 
+import ipaddress
+import re
 import socket
 import ssl
 from typing import Any
@@ -26,6 +28,26 @@ from agent.tls import client_context
 
 CONNECT_TIMEOUT_S = 10.0
 CALL_TIMEOUT_S = 60.0
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+Name = str | ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_name(text: str) -> Name:
+    """A host's DNS name or IP address (IPv6 with or without brackets); raise ValueError saying the rule.
+
+    What a destination names (agent/plan.py) and a certificate certifies (agent/certs.py).
+    """
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        return ipaddress.ip_address(bare)
+    except ValueError:
+        pass
+    labels = text.rstrip(".").split(".")
+    if len(text) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
+        raise ValueError(f"{text!r} is neither a host name (letters, digits and '-' in dot-separated labels) "
+                         "nor an IP address")
+    return text.rstrip(".").lower()
 
 
 class RemoteUnreachable(SvmotionError):
