@@ -283,9 +283,9 @@ def check_network(agent: _Reader, listen: str | None, nbd_listen: str | None, tl
         if value is None:
             continue
         if tls is None:
-            where = "on the network" if not is_loopback(value) else "even on loopback"
-            agent.fail(f"{key} = {value!r} without [tls]: it serves other hosts {where} and is mutual TLS "
-                       "only", "add [tls] dir = \"...\" (see `svmotion tls init`) or remove it")
+            network = "" if is_loopback(value) else "a listener on the network needs TLS, and "
+            agent.fail(f"{key} = {value!r} without [tls]: {network}it serves other hosts with mutual TLS only",
+                       "add [tls] dir = \"...\" (see `svmotion tls init`) or remove it")
         if not datastores:
             agent.fail(f"{key} = {value!r} but no [[datastore]] is configured: it would offer nothing",
                        "add [[datastore]] name = ... path = ..., or remove it")

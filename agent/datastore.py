@@ -286,8 +286,12 @@ class DatastoreService:
             if request["resume"]:
                 self._check_resumable(where, request["size"])
             else:
-                fd = os.open(where.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             request["mode"], dir_fd=where.dir_fd)
+                try:
+                    fd = os.open(where.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 request["mode"], dir_fd=where.dir_fd)
+                except FileExistsError:
+                    raise Refused(f"{where.path!r} already exists; resume it (resume) or remove it first "
+                                  f"(ds_remove)") from None
                 try:
                     os.ftruncate(fd, request["size"])    # sparse: the copier skips holes
                 except OSError:
