@@ -10,9 +10,10 @@ Design notes
   docs/interfaces.md section 3; tests that break a config on purpose edit that text.
 - The agent launches nbdkit detached (it must outlive the agent), so pytest's own process tree
   does not contain it: `stop` asks the agent to `shutdown` with stop_vms, kills the agent by PID
-  if it does not go, and then stops any nbdkit still named by the VM's pid file in the state dir,
-  by PID and only if the process start time matches (never by name: other engineers run nbdkit
-  here).
+  if it does not go, and then stops any nbdkit still named by the VM's pid file (or by the
+  datastores' export pid file) in the state dir, by PID and only if the process start time
+  matches (never by name: other engineers run nbdkit here).
+- An agent without disks writes no [[vm]]: a datastore host (`agent_keys`, `extra_config`).
 - Sockets and state live in a short directory under /tmp (Unix socket paths are limited to 107
   bytes); `AgentPool` makes those directories and removes them with the agents.
 """
