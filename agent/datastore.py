@@ -36,6 +36,7 @@ import base64
 import binascii
 import errno
 import hashlib
+import logging
 import os
 import secrets
 import stat
@@ -54,6 +55,9 @@ from nbd_plugin.control import (Arg, ArgumentError, Connection, RequestError, ar
 from nbd_plugin.digest import chunk_digests
 from nbd_plugin.vm import MAX_DIGEST_BYTES, MAX_DIGEST_CHUNKS
 
+log = logging.getLogger("svmotion.datastore")
+
+CHANGING_OPS = ("ds_create", "ds_rename", "ds_remove", "ds_export")    # logged with the peer's name
 MAX_WRITE_BYTES = 512 << 10      # one ds_write_file piece; base64 of it fits a 1 MiB request line
 MAX_NAMES = 4096                 # names in one ds_check
 EXPORT_HASH_CHARS = 32
@@ -128,7 +132,10 @@ class DatastoreService:
         if handler is None:
             raise RequestError(f"unknown op {shown(op)}: this API serves {', '.join(self.ops())}", exit=EXIT_USAGE)
         try:
-            return handler(arguments(request, declared(handler), op))
+            reply = handler(arguments(request, declared(handler), op))
+            if op in CHANGING_OPS:
+                log.info("%s from %s: %s", op, conn.peer, request.get("path"))
+            return reply
         except ArgumentError as err:
             raise RequestError(str(err), exit=EXIT_USAGE) from None
         except SvmotionError as err:

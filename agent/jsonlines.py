@@ -29,7 +29,8 @@ class JsonLinesClient:
     """
 
     def __init__(self, path: str, timeout: float | None = 30.0, sock: socket.socket | None = None):
-        """Connect to the Unix socket `path`; or, given `sock` (connected, e.g. TLS), use it, `path` naming the peer."""
+        """Connect to the Unix socket `path`; or use `sock`, already connected (TLS: agent/remote.py),
+        `path` then only naming the peer."""
         self.path = path
         if sock is not None:
             self._sock = sock

@@ -81,7 +81,7 @@ class NotAdmitted(Exception):
 class Listener(Protocol):
     """Where a ControlServer listens and whom it admits (see UnixListener, agent/tls.py TlsListener)."""
 
-    name: str                                  # for thread names and messages
+    name: str                                  # where it listens, for thread names and logs
 
     def open(self) -> socket.socket:
         """A bound, listening socket."""
@@ -355,7 +355,7 @@ class ControlServer:
     def start(self) -> None:
         """Open the listener and serve in background threads."""
         self._socket = self.listener.open()
-        threading.Thread(target=self._accept_loop, name="control-accept", daemon=True).start()
+        threading.Thread(target=self._accept_loop, name=f"control-accept {self.listener.name}", daemon=True).start()
 
     def stop(self) -> None:
         """Stop accepting; open connections end when their clients close them."""

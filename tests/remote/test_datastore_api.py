@@ -187,6 +187,7 @@ def test_a_disk_and_a_file_through_their_life(ds_host: DatastoreHost, work: Path
     assert ds_host.ds("ds_remove", path=str(other))["removed"] == [], "missing is fine"
     refused(ds_host, "ds_remove", path=str(final))
     assert final.exists()
+    assert "ds_remove from a.test (127.0.0.1:" in ds_host.log_text(), "changes are logged with the peer's name"
 
 
 def test_a_rename_never_replaces_a_finished_file(ds_host: DatastoreHost, work: Path) -> None:
