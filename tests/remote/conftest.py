@@ -46,6 +46,6 @@ def datastore_host(pki: Pki, tmp_path: Path) -> Iterator[Callable[..., Datastore
     """Factory: a datastore host of the test's own (for tests that kill or restart things)."""
     pool = AgentPool()
     try:
-        yield lambda: make_datastore_host(pool, tmp_path, pki)
+        yield lambda **kwargs: make_datastore_host(pool, tmp_path, pki, **kwargs)
     finally:
         pool.close()

@@ -69,16 +69,17 @@ class DatastoreHost(AgentProcess):
         return self.state / "exports.pid"
 
 
-def make_datastore_host(pool: AgentPool, root: Path, pki: Pki, name: str = "b") -> DatastoreHost:
-    """Write the config of a datastore host under `root` and start its agent."""
+def make_datastore_host(pool: AgentPool, root: Path, pki: Pki, name: str = "b",
+                        tls: str | None = None) -> DatastoreHost:
+    """Write the config of a datastore host under `root` and start its agent (`tls`: its [tls] table)."""
     datastore = root / f"{name}-ds1"
     datastore.mkdir()
     api_port, nbd_port = free_tcp_port(), free_tcp_port()
     host = DatastoreHost(root=root, state=pool.state_dir("svr-"), disks={}, config=root / f"{name}.toml",
                          metrics="", datastore=datastore, api_port=api_port, nbd_port=nbd_port, pki=pki,
                          agent_keys={"listen": f"127.0.0.1:{api_port}", "nbd_listen": f"127.0.0.1:{nbd_port}"},
-                         extra_config=f'[tls]\ndir = "{pki.server}"\n\n'
-                                      f'[[datastore]]\nname = "ds1"\npath = "{datastore}"\n')
+                         extra_config=(tls or f'[tls]\ndir = "{pki.server}"\n') +
+                         f'\n[[datastore]]\nname = "ds1"\npath = "{datastore}"\n')
     host.write_config()
     pool.add(host)
     host.start()

@@ -125,3 +125,19 @@ def test_the_agent_refuses_a_network_listener_without_tls_at_start(tmp_path: Pat
     assert not (tmp_path / "state").exists()
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0, "nothing listens"
+
+
+def test_a_key_that_is_not_the_certificates_is_refused_at_start(tmp_path: Path, pki: Pki) -> None:
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for f in pki.server.iterdir():
+        source = pki.client / f.name if f.name == "server-key.pem" else f   # another host's key
+        (mixed / f.name).write_bytes(source.read_bytes())
+        os.chmod(mixed / f.name, 0o600)
+    agent = f'listen = "127.0.0.1:{free_tcp_port()}"\nnbd_listen = "127.0.0.1:{free_tcp_port()}"\n'
+    config = host_config(tmp_path, pki, agent=agent, tls=f'[tls]\ndir = "{mixed}"\n')
+    done = subprocess.run([PYTHON, "-m", "agent.cli", "agent", "--config", config], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == EXIT_CONFIG, done
+    assert done.stderr.count("\n") == 1 and "server-key.pem" in done.stderr and "unusable" in done.stderr
+    assert not (tmp_path / "state" / "exports.pid").exists(), "refused before anything started"

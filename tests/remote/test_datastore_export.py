@@ -132,3 +132,25 @@ def test_the_agent_restarts_a_killed_export_and_a_restarted_agent_adopts_it(data
     finally:
         h.shutdown()
     assert partial.read_bytes()[:15] == b"still connected"
+
+
+
+def test_credentials_given_as_ca_cert_and_key_files_serve_too(datastore_host, pki, tmp_path: Path) -> None:
+    """[tls] ca, cert, key: the agent lays out nbdkit's directory itself (state_dir/tls, symlinks)."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    for src, dst in (("ca-cert.pem", "site-ca.pem"), ("server-cert.pem", "b.pem"), ("server-key.pem", "b-key.pem")):
+        (creds / dst).write_bytes((pki.server / src).read_bytes())
+        os.chmod(creds / dst, 0o600)
+    host = datastore_host(tls=f'[tls]\nca = "{creds}/site-ca.pem"\ncert = "{creds}/b.pem"\n'
+                              f'key = "{creds}/b-key.pem"\n')
+    assert sorted(p.name for p in (host.state / "tls").iterdir()) == \
+        ["ca-cert.pem", "client-cert.pem", "client-key.pem", "server-cert.pem", "server-key.pem"]
+    partial, export = make_disk(host, "disk0.raw", size=MiB)
+    h = connect(host, export, host.pki.client)
+    try:
+        h.pwrite(b"explicit files", 0)
+        h.flush()
+    finally:
+        h.shutdown()
+    assert partial.read_bytes()[:14] == b"explicit files"
