@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 # dpkg never reports as installed, so listing it made every run call apt-get update.
 DEB_PKGS := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd fuse3 \
             qemu-utils qemu-system-common qemu-system-x86 prometheus fio python3-venv \
-            e2fsprogs util-linux iproute2 kmod strace
+            e2fsprogs util-linux iproute2 kmod strace python3-cryptography openssl
 PYTEST_ARGS ?=
 FAULTS_ARGS ?=
 
@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -c 'import nbd, click, prometheus_client, pyroute2'
+	$(PY) -c 'import nbd, click, prometheus_client, pyroute2, cryptography'
 	touch $@
 
 venv: $(VENV)/.installed

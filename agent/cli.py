@@ -25,7 +25,7 @@ from agent.config import DEFAULT_AGENT_SOCKET, load_config
 from agent.errors import (EXIT_INTERNAL, EXIT_OK, EXIT_VERIFY, AgentUnreachable, SvmotionError, die,
                           exit_code_of)
 from agent.jsonlines import JsonLinesClient, RemoteError
-from agent.plan import MIRROR_MODES, STRATEGIES, human_bytes
+from agent.plan import MIRROR_MODES, STRATEGIES, human_bytes, parse_destination
 from agent.progress import Progress, outcome_line, phase_table, render_line
 from agent.verify import verify_line
 from nbd_plugin.dirtymap import MAX_GRANULARITY, MIN_GRANULARITY
@@ -84,6 +84,18 @@ def directory(fix: str) -> Callable[[click.Context, click.Parameter, str], str]:
             raise click.BadParameter(f"{value!r} is empty; {fix}", ctx, param)
         return os.path.abspath(value)
     return check
+
+
+def destination_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--dest: HOST:/path as it is (agent/plan.py `parse_destination`), a local directory made absolute."""
+    if value.strip() and not value.startswith("/"):
+        try:
+            if parse_destination(value).remote:
+                return value
+        except ValueError as err:
+            if ":" in value.split("/", 1)[0]:       # meant as HOST:..., so not a local path
+                raise click.BadParameter(f"{value!r}: {err}", ctx, param) from None
+    return directory("give the destination directory, e.g. --dest /mnt/new, or HOST:/path")(ctx, param, value)
 
 
 class Duration(click.ParamType):
@@ -154,7 +166,9 @@ def agent_cmd(config_path: str) -> None:
 
 @main.command()
 @click.argument("vm")
-@click.option("--dest", required=True, callback=directory("give the destination directory, e.g. --dest /mnt/new"), help="Destination directory for the disks and files.")
+@click.option("--dest", required=True, callback=destination_option, metavar="DIR|HOST:/DIR",
+              help="Destination directory for the disks and files: a directory of this host, or HOST:/DIR "
+                   "(HOST:PORT:/DIR, [IPV6]:/DIR) in a datastore of another svmotion host.")
 @click.option("--stun-strategy", "strategy", type=click.Choice(STRATEGIES), default="optimized",
               show_default=True, help="optimized: disks stay open under the stun; legacy: close and reopen.")
 @click.option("--rate", type=Size(), default="0", help="Copy rate limit in bytes/s, e.g. 50M (0 = unlimited).")
@@ -297,6 +311,8 @@ main.add_command(report)
 from agent.cli_attach import attach_cmd, detach_cmd  # noqa: E402  (svmotion attach VM DISK, detach DEVICE)
 main.add_command(attach_cmd)
 main.add_command(detach_cmd)
+from agent.cli_tls import tls  # noqa: E402  (svmotion tls init DIR --host NAME...)
+main.add_command(tls)
 
 
 if __name__ == "__main__":

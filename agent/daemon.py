@@ -25,9 +25,15 @@ Design notes
 - Supervision: a thread checks every nbdkit once a second. A dead one fails the VM's running
   migration (the source was authoritative until switchover, so nothing is lost) and is
   restarted on the disks of its served record.
-- Threads: API connection threads, one thread per running migration, the supervision thread,
-  the metrics server. `_lock` protects the migrations/last/paths maps; no call to nbdkit is
-  made while holding it.
+- Datastores (an agent with `[[datastore]]`): the TCP API for other hosts' agents on `[agent]
+  listen`, mutual TLS, serving only the `ds_*` ops of agent/datastore.py (never the VM ops
+  above), and one nbdkit exporting the datastores over NBD with TLS on `nbd_listen`
+  (agent/export.py), supervised like the mirror nodes: adopted after an agent restart,
+  restarted when it dies, stopped only by `shutdown` with stop_vms. The TLS credentials are
+  loaded before anything starts, so a bad certificate is a configuration error (exit 7).
+- Threads: API connection threads (both listeners), one thread per running migration, the
+  supervision thread, the metrics server. `_lock` protects the migrations/last/paths maps; no
+  call to nbdkit is made while holding it.
 """
 from __future__ import annotations
 
@@ -42,12 +48,15 @@ from typing import Any
 
 from agent import __version__, metrics, partial
 from agent.config import AgentConfig, VmConfig
+from agent.datastore import DatastoreService
+from agent.export import DatastoreExport
 from agent.errors import EXIT_INTERNAL, EXIT_USAGE, ConfigError, Refused, SvmotionError
 from agent.jsonlines import JsonLinesClient, RemoteError
 from agent.phases import PHASES, Injection, Migration
 from agent.plan import OPTION_ARGS, PARTIAL_SUFFIX, MigrationOptions
 from agent.statefiles import private_dir
 from agent.supervisor import Nbdkit
+from agent.tls import TlsListener, certificates_dir, server_context, split_address
 from agent.verify import VerifyError, verify_disks
 from nbd_plugin.control import (Arg, ArgumentError, Connection, ControlServer, RequestError, arguments,
                                 declared, file_path, power_of_two, shown, takes)
@@ -91,6 +100,8 @@ class Agent:
         self._stop = threading.Event()
         self._stop_vms = False
         self._server: ControlServer | None = None
+        self._tcp_server: ControlServer | None = None       # the datastores' API for other hosts
+        self.export: DatastoreExport | None = None
         self._metrics_server: Any = None
         try:
             self._injection = Injection.from_env()
@@ -113,6 +124,8 @@ class Agent:
     def start(self) -> None:
         private_dir(self.config.state_dir)
         self._refuse_second_agent()
+        # Credentials first: a bad certificate must stop the start before anything runs.
+        context = server_context(self.config.tls, self.config.source) if self.config.datastores else None
         for vm in self.config.vms:
             self.paths[vm.name] = self._current_paths(vm)
             last = read_json(self._state(vm.name, "last.json"))
@@ -121,6 +134,8 @@ class Agent:
         for vm in self.config.vms:
             self._bring_up(vm)
             self._recover(vm)
+        if context is not None:
+            self._offer_datastores(context)
         Path(self.config.socket).parent.mkdir(parents=True, exist_ok=True)
         self._server = ControlServer(self.config.socket, self.handle, malformed={"exit": EXIT_USAGE})
         self._server.start()
@@ -134,10 +149,31 @@ class Agent:
         log.info("agent %s: serving %s for VMs %s", __version__, self.config.socket,
                  ", ".join(self.nodes))
 
+    def _offer_datastores(self, context: Any) -> None:
+        """The datastores' NBD export (adopted or started) and the TCP API for other hosts' agents."""
+        config = self.config
+        assert config.tls is not None and config.listen and config.nbd_listen
+        exports = os.path.join(config.state_dir, "exports")
+        service = DatastoreService(config.datastores, exports, split_address(config.nbd_listen)[1])
+        self.export = DatastoreExport(config.nbd_listen, certificates_dir(config.tls, config.state_dir), exports,
+                                      config.state_dir, config.source)
+        if not self.export.adopt():
+            self.export.start()
+        self._tcp_server = ControlServer(TlsListener(config.listen, context), service.handle,
+                                         malformed={"exit": EXIT_USAGE})
+        try:
+            self._tcp_server.start()
+        except OSError as err:
+            raise ConfigError(f"{config.source}: [agent] listen = {config.listen!r}: cannot listen "
+                              f"({err.strerror}); choose a free address") from None
+        log.info("agent API for other hosts on %s (mutual TLS); datastores %s exported on %s", config.listen,
+                 ", ".join(d.name for d in config.datastores), config.nbd_listen)
+
     def stop(self) -> None:
         """Stop serving; abort running migrations; stop nbdkit only if `shutdown` asked for it."""
-        if self._server is not None:
-            self._server.stop()
+        for server in (self._server, self._tcp_server):
+            if server is not None:
+                server.stop()
         with self._lock:
             running = [m for m in self.migrations.values() if not m.finished]
         for m in running:
@@ -151,6 +187,8 @@ class Agent:
             for name, node in self.nodes.items():
                 node.stop()
                 metrics.set_nbdkit_up(name, False)
+            if self.export is not None:
+                self.export.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -306,7 +344,13 @@ class Agent:
     # ---- supervision ---------------------------------------------------------------------------
 
     def supervise(self) -> None:
-        """Restart a dead nbdkit on the VM's current paths; a running migration of it fails."""
+        """Restart a dead nbdkit on the VM's current paths (a running migration of it fails), or the export."""
+        if self.export is not None and not self.export.alive():
+            log.error("datastore export: nbdkit pid %s exited: %s", self.export.pid, self.export.log_tail())
+            try:
+                self.export.start()
+            except SvmotionError as err:
+                log.error("datastore export: restart failed: %s", err)
         for vm in self.config.vms:
             node = self.nodes[vm.name]
             if node.alive():

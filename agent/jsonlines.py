@@ -28,15 +28,20 @@ class JsonLinesClient:
     Example: `JsonLinesClient("/run/svmotion/vm1.ctl").call("status")["disks"]`
     """
 
-    def __init__(self, path: str, timeout: float | None = 30.0):
+    def __init__(self, path: str, timeout: float | None = 30.0, sock: socket.socket | None = None):
+        """Connect to the Unix socket `path`; or use `sock`, already connected (TLS: agent/remote.py),
+        `path` then only naming the peer."""
         self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        try:
-            self._sock.connect(path)
-        except OSError:
-            self._sock.close()
-            raise
+        if sock is not None:
+            self._sock = sock
+        else:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.settimeout(timeout)
+            try:
+                self._sock.connect(path)
+            except OSError:
+                self._sock.close()
+                raise
         self._reader = self._sock.makefile("r", encoding="utf-8", newline="\n")
         # This lock protects the request/reply pairing on the one connection.
         self._lock = threading.Lock()

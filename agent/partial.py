@@ -23,7 +23,7 @@ import json
 import os
 import stat
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from agent.errors import Refused
 
@@ -58,21 +58,29 @@ def identity_path(partial: str) -> str:
     return partial + IDENTITY_SUFFIX
 
 
-def write_identity(partial: str, identity: Identity) -> None:
-    """Write (or replace) a partial's identity record atomically, durably."""
+def _nofollow(dir_fd: int | None) -> Callable[[str, int], int]:
+    """An opener for open(): never through a symlink at the last component, relative to dir_fd."""
+    return lambda name, flags: os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
+
+
+def write_identity(partial: str, identity: Identity, dir_fd: int | None = None) -> None:
+    """Write (or replace) a partial's identity record atomically, durably.
+
+    With `dir_fd`, `partial` is a name in that directory (a datastore's, agent/datastore.py).
+    """
     path = identity_path(partial)
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", opener=_nofollow(dir_fd)) as f:
         json.dump({"version": RECORD_VERSION, **asdict(identity)}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
-def read_identity(partial: str) -> Identity | None:
+def read_identity(partial: str, dir_fd: int | None = None) -> Identity | None:
     """A partial's identity record, or None when it has none (or an unreadable one)."""
     try:
-        with open(identity_path(partial)) as f:
+        with open(identity_path(partial), opener=_nofollow(dir_fd)) as f:
             record = json.load(f)
         return Identity(**{k: record[k] for k in Identity.__dataclass_fields__})
     except (OSError, ValueError, KeyError, TypeError):
@@ -88,15 +96,19 @@ def reusable(partial: str, wanted: Identity) -> Identity | None:
         st = os.lstat(partial)
     except FileNotFoundError:
         return None
+    return judge_reuse(partial, stat.S_ISREG(st.st_mode), st.st_size, read_identity(partial), wanted)
+
+
+def judge_reuse(partial: str, regular: bool, size: int, found: Identity | None, wanted: Identity) -> Identity:
+    """`reusable` on facts about an existing partial: local ones, or a datastore's (`ds_check`)."""
     fix = f"remove it and {identity_path(partial)!r}, or choose another --dest"
-    found = read_identity(partial)
-    if not stat.S_ISREG(st.st_mode):
+    if not regular:
         raise Refused(f"destination file {partial!r} already exists and is not a regular file; {fix}")
     if found is None:
         raise Refused(f"destination file {partial!r} already exists and has no svmotion identity record; {fix}")
     why = found.mismatch(wanted)
-    if why is None and st.st_size != wanted.size:
-        why = f"it has {st.st_size} bytes, the disk has {wanted.size}"
+    if why is None and size != wanted.size:
+        why = f"it has {size} bytes, the disk has {wanted.size}"
     if why is not None:
         raise Refused(f"destination file {partial!r} is a partial disk this migration cannot resume: {why}; {fix}")
     return found
@@ -114,10 +126,10 @@ def kept_after_failure(created: Iterable[str], mirror_node_died: bool) -> set[st
     return {path for path in created if os.path.isfile(identity_path(path))}
 
 
-def discard(path: str) -> None:
+def discard(path: str, dir_fd: int | None = None) -> None:
     """Remove a partial and its identity record, if any (missing files are fine)."""
     for victim in (path, identity_path(path)):
         try:
-            os.unlink(victim)
+            os.unlink(victim, dir_fd=dir_fd)
         except FileNotFoundError:
             pass

@@ -11,22 +11,98 @@ Design notes
   DiskCopyDone: an interrupted migration never leaves a file that looks complete.
 - A partial disk already at the destination is resumed (DiskLoad) when its identity record
   matches this migration's disk, and refused otherwise (agent/partial.py).
+- Where to (`Destination`, scp-like): `/path` is a directory of this host; `HOST:/path`,
+  `HOST:PORT:/path`, `[IPV6]:/path` and `[IPV6]:PORT:/path` a directory in a datastore of
+  another svmotion host, whose agent API listens on PORT (default 9816, mutual TLS,
+  agent/remote.py). As with scp, a colon before the first slash makes it remote: a local path
+  with a colon in its first component is written `./a:b` (the CLI makes it absolute). The
+  remote path is absolute, on that host.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.config import VmConfig
+from agent.config import DEFAULT_AGENT_PORT, VmConfig
 from agent.errors import EXIT_USAGE, Refused, SvmotionError
 from agent.partial import Identity, reusable
+from agent.remote import parse_name
 from nbd_plugin.control import Arg, ArgumentError, arguments, file_path, one_of, power_of_two, within
 from nbd_plugin.dirtymap import MAX_GRANULARITY, MIN_GRANULARITY
 
 STRATEGIES = ("optimized", "legacy")
 MIRROR_MODES = ("sync", "dirty")
 PARTIAL_SUFFIX = ".svmotion-partial"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a migration's disks and files go: a directory here, or on another host (module notes).
+
+    Example: `parse_destination("hostb:/srv/ds2/vm1")` -> Destination("/srv/ds2/vm1", "hostb", 9816)
+    """
+
+    path: str                        # absolute; on `host` when remote
+    host: str | None = None          # None: this host
+    port: int = DEFAULT_AGENT_PORT   # the remote agent's API
+
+    @property
+    def remote(self) -> bool:
+        return self.host is not None
+
+    def __str__(self) -> str:
+        if self.host is None:
+            return self.path
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        port = "" if self.port == DEFAULT_AGENT_PORT else f"{self.port}:"
+        return f"{host}:{port}{self.path}"
+
+
+def parse_destination(text: str) -> Destination:
+    """`--dest` as a Destination; raise ValueError saying what is wrong and the syntax."""
+    syntax = "write /path for this host, or HOST:/path, HOST:PORT:/path, [IPV6]:/path for another"
+    if not text.strip():
+        raise ValueError("give the destination directory, e.g. --dest /mnt/new")
+    if text.startswith("/"):
+        return Destination(text)
+    head = text.split("/", 1)[0].rstrip(":")
+    if not text.startswith("[") and head.count(":") >= 2:
+        address = next((a for a in (head, head.rpartition(":")[0]) if _is_ipv6(a)), head)
+        raise ValueError(f"an IPv6 address goes in brackets, e.g. [{address}]:/path; {syntax}")
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise ValueError(f"an IPv6 address in brackets must be followed by ':' and the path; {syntax}")
+        rest = rest[1:]
+    else:
+        host, colon, rest = text.partition(":")
+        if not colon or "/" in host:
+            raise ValueError("must be an absolute path (the agent does not share your working directory), "
+                             f"e.g. /mnt/new; or {syntax}")
+    port = DEFAULT_AGENT_PORT
+    if not rest.startswith("/"):
+        port_text, colon, rest = rest.partition(":")
+        if not colon or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"after the host comes an absolute path or PORT:/path (port 1 to 65535); {syntax}")
+        port = int(port_text)
+    if not rest.startswith("/"):
+        raise ValueError(f"the path on host {host!r} must be absolute; {syntax}")
+    try:
+        name = parse_name(f"[{host}]" if text.startswith("[") else host)
+    except ValueError as err:
+        raise ValueError(f"{err}; {syntax}") from None
+    if text.startswith("[") != (":" in str(name)):
+        raise ValueError(f"an IPv6 address goes in brackets, and only one does: [{host}]:/path")
+    return Destination(rest, str(name), port)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -53,14 +129,18 @@ class MigrationOptions:
             raise SvmotionError(str(err), EXIT_USAGE) from None
         return cls(**dict(args, stun_budget=float(args["stun_budget"])))
 
+    @property
+    def destination(self) -> Destination:
+        return parse_destination(self.dest)
+
 
 def destination(dest: str) -> str | None:
-    """Check of `dest`: an absolute path (the agent's working directory is not the caller's)."""
-    if not dest.strip():
-        return "give the destination directory, e.g. --dest /mnt/new"
-    return file_path(dest) or (None if os.path.isabs(dest) else
-                               "must be an absolute path (the agent does not share your working "
-                               "directory), e.g. /mnt/new")
+    """Check of `dest`: a Destination, whose path is absolute (the agent's working directory is not the caller's)."""
+    try:
+        parse_destination(dest)
+    except ValueError as err:
+        return str(err)
+    return file_path(dest)
 
 
 # The `migrate` options of the agent API (docs/interfaces.md, section 4), defaults from MigrationOptions.
@@ -111,6 +191,13 @@ def human_bytes(n: float) -> str:
 def plan_migration(vm: VmConfig, paths: dict[str, Any], hello: dict[str, Any],
                    options: MigrationOptions) -> tuple[list[DiskPlan], list[tuple[str, str]]]:
     """Check the request against the VM and the destination; raise Refused naming what is wrong."""
+    where = options.destination
+    if where.remote:
+        # The seam of remote destinations (issue 11): their DiskSetup is the destination agent's
+        # `ds_check` (agent/remote.py, agent/datastore.py), with partial.judge_reuse for DiskLoad,
+        # once the phases can mirror to an NBD export. Until then: refused, nothing changed.
+        raise Refused(f"destination {options.dest!r} is on another host ({where.host}): this agent cannot run "
+                      f"the phases of a migration to a remote datastore yet; give a local directory")
     dest = os.path.realpath(options.dest)
     if not os.path.isdir(dest):
         raise Refused(f"destination {options.dest!r} is not a directory; create it first (mkdir -p)")

@@ -84,22 +84,31 @@ def remove_stale_socket(path: str) -> None:
         probe.close()
 
 
+def tcp_listener(address: str) -> socket.socket:
+    """A listening TCP socket on "HOST:PORT" ("[V6]:PORT" too), for nbdkit's socket activation."""
+    host, _, port = address.rpartition(":")
+    tcp = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind((host.strip("[]"), int(port)))
+        tcp.listen(64)
+    except OSError:
+        tcp.close()
+        raise
+    return tcp
+
+
 def listening_sockets(vm: VmConfig) -> list[socket.socket]:
     """The Unix and TCP listeners of a VM with a `listen` address, for nbdkit's socket activation."""
     if not vm.listen:
         return []
-    host, _, port = vm.listen.rpartition(":")
     unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    tcp = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         unix.bind(vm.socket)
         unix.listen(64)
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        tcp.bind((host.strip("[]"), int(port)))
-        tcp.listen(64)
+        tcp = tcp_listener(vm.listen)
     except OSError as err:
         unix.close()
-        tcp.close()
         raise SvmotionError(f"VM {vm.name!r}: cannot listen on {vm.socket} and {vm.listen}: {err.strerror}; "
                             "choose a free address in the configuration") from None
     return [unix, tcp]
@@ -144,30 +153,22 @@ def launch_detached(cmd: list[str], log_file: str, env: dict[str, str],
     return int(shell.stdout)
 
 
-class Nbdkit:
-    """The mirror node of one VM, started by us or adopted from a previous agent.
+class Detached:
+    """A process we launched detached (`launch_detached`), known by its pid file: pid and start time.
 
-    Example: `node = Nbdkit(vm, state_dir); node.adopt() or node.start(paths); node.client()`
+    The base of the VMs' mirror nodes and of the datastores' export (agent/export.py). `what`
+    names it in logs, e.g. "vm vm1".
     """
 
-    def __init__(self, vm: VmConfig, state_dir: str):
-        self.vm = vm
-        self.control = os.path.join(state_dir, f"{vm.name}.ctl")
-        self.pid_file = os.path.join(state_dir, f"{vm.name}.pid")
-        self.log_file = os.path.join(state_dir, f"{vm.name}.nbdkit.log")
-        # Where each disk lives, written by nbdkit itself before it serves a new place
-        # (nbd_plugin/served.py): the truth about the disks after any crash.
-        self.served_file = os.path.join(state_dir, f"{vm.name}.served.json")
+    def __init__(self, what: str, pid_file: str, log_file: str):
+        self.what = what
+        self.pid_file = pid_file
+        self.log_file = log_file
         self.pid: int | None = None
         self._start_time: int | None = None
-        self.hello: dict[str, Any] = {}
-
-    def client(self, timeout: float | None = 30.0) -> JsonLinesClient:
-        """A new connection to the control socket (each user gets its own: a stun belongs to one)."""
-        return JsonLinesClient(self.control, timeout=timeout)
 
     def identity(self) -> dict[str, int | None]:
-        """Which nbdkit process this is: a restarted one has another pid or start time."""
+        """Which process this is: a restarted one has another pid or start time."""
         return {"pid": self.pid, "start_time": self._start_time}
 
     def alive(self) -> bool:
@@ -175,16 +176,95 @@ class Nbdkit:
             return False
         return process_start_time(self.pid) == self._start_time
 
-    def adopt(self) -> bool:
-        """Take over an nbdkit left running by a previous agent; False when there is none to adopt."""
+    def recorded(self) -> tuple[int, int] | None:
+        """(pid, start time) of the pid file when that very process still runs, else None."""
         try:
             recorded = json.loads(Path(self.pid_file).read_text())
             pid, start = int(recorded["pid"]), int(recorded["start_time"])
         except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return (pid, start) if process_start_time(pid) == start else None
+
+    def stale_pid(self) -> int | None:
+        """A still-running process our pid file names that could not be adopted (it must be stopped)."""
+        found = self.recorded()
+        return None if found is None else found[0]
+
+    def _stop_stale(self) -> None:
+        stale = self.stale_pid()
+        if stale is not None:
+            # Our own earlier process that we could not adopt: it would hold its sockets.
+            log.warning("%s: stopping unresponsive nbdkit pid %d", self.what, stale)
+            self.pid, self._start_time = stale, process_start_time(stale)
+            self.stop()
+
+    def _launch(self, cmd: list[str], env: dict[str, str], listeners: list[socket.socket]) -> None:
+        """Launch `cmd` detached (handing it `listeners`, closed here after) and record it in the pid file."""
+        try:
+            self.pid = launch_detached(cmd, self.log_file, env, listeners)
+        finally:
+            for listener in listeners:   # the child holds its own copies now
+                listener.close()
+        # None here means it already exited (alive() says so, and the caller shows the log).
+        self._start_time = process_start_time(self.pid)
+        replace_json(self.pid_file, {"pid": self.pid, "start_time": self._start_time})
+
+    def log_tail(self, lines: int = 3) -> str:
+        try:
+            text = Path(self.log_file).read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(text[-lines:])
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop it (SIGTERM, then SIGKILL) and remove its pid file. nbdkit disconnects its clients."""
+        if self.pid is not None and self.alive():
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + timeout
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.alive():
+                log.warning("%s: nbdkit pid %d ignored SIGTERM; killing it", self.what, self.pid)
+                os.kill(self.pid, signal.SIGKILL)
+                while self.alive():
+                    time.sleep(0.05)
+        self.pid = None
+        try:
+            os.unlink(self.pid_file)
+        except FileNotFoundError:
+            pass
+
+
+class Nbdkit(Detached):
+    """The mirror node of one VM, started by us or adopted from a previous agent.
+
+    Example: `node = Nbdkit(vm, state_dir); node.adopt() or node.start(paths); node.client()`
+    """
+
+    def __init__(self, vm: VmConfig, state_dir: str):
+        super().__init__(f"vm {vm.name}", os.path.join(state_dir, f"{vm.name}.pid"),
+                         os.path.join(state_dir, f"{vm.name}.nbdkit.log"))
+        self.vm = vm
+        self.control = os.path.join(state_dir, f"{vm.name}.ctl")
+        # Where each disk lives, written by nbdkit itself before it serves a new place
+        # (nbd_plugin/served.py): the truth about the disks after any crash.
+        self.served_file = os.path.join(state_dir, f"{vm.name}.served.json")
+        self.hello: dict[str, Any] = {}
+
+    def client(self, timeout: float | None = 30.0) -> JsonLinesClient:
+        """A new connection to the control socket (each user gets its own: a stun belongs to one)."""
+        return JsonLinesClient(self.control, timeout=timeout)
+
+    def adopt(self) -> bool:
+        """Take over an nbdkit left running by a previous agent; False when there is none to adopt."""
+        found = self.recorded()
+        if found is None:
+            log.info("vm %s: no running nbdkit of ours to adopt (pid file %s)", self.vm.name, self.pid_file)
             return False
-        if process_start_time(pid) != start:
-            log.info("vm %s: pid file names pid %d, which is no longer our nbdkit", self.vm.name, pid)
-            return False
+        pid, start = found
         try:
             with self.client(timeout=5.0) as c:
                 hello = c.call("hello")
@@ -200,38 +280,15 @@ class Nbdkit:
         log.info("vm %s: adopted running nbdkit pid %d", self.vm.name, pid)
         return True
 
-    def stale_pid(self) -> int | None:
-        """A still-running process our pid file names that could not be adopted (it must be stopped)."""
-        try:
-            recorded = json.loads(Path(self.pid_file).read_text())
-            pid, start = int(recorded["pid"]), int(recorded["start_time"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return pid if process_start_time(pid) == start else None
-
     def start(self, disk_paths: dict[str, str]) -> None:
         """Start nbdkit for the VM and wait until its control socket answers `hello`."""
-        stale = self.stale_pid()
-        if stale is not None:
-            # Our own earlier nbdkit that does not answer: it would hold the NBD socket.
-            log.warning("vm %s: stopping unresponsive nbdkit pid %d", self.vm.name, stale)
-            self.pid, self._start_time = stale, process_start_time(stale)
-            self.stop()
+        self._stop_stale()
         for path in (self.control, self.vm.socket):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         remove_stale_socket(self.vm.socket)
         cmd = nbdkit_command(self.vm, disk_paths, self.control, self.served_file)
-        listeners = listening_sockets(self.vm)
-        try:
-            self.pid = launch_detached(cmd, self.log_file, {"PYTHONPATH": str(plugin_pythonpath())}, listeners)
-        finally:
-            for listener in listeners:   # nbdkit holds its own copies now
-                listener.close()
-        # None here means it already exited (alive() says so, and _wait_ready shows the log).
-        self._start_time = process_start_time(self.pid)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        replace_json(self.pid_file, {"pid": self.pid, "start_time": self._start_time})
-        self.hello = self._wait_ready(deadline)
+        self._launch(cmd, {"PYTHONPATH": str(plugin_pythonpath())}, listening_sockets(self.vm))
+        self.hello = self._wait_ready(time.monotonic() + READY_TIMEOUT_S)
         log.info("vm %s: started nbdkit pid %d", self.vm.name, self.pid)
 
     def _wait_ready(self, deadline: float) -> dict[str, Any]:
@@ -249,32 +306,3 @@ class Nbdkit:
         self.stop()
         raise SvmotionError(f"nbdkit for VM {self.vm.name!r} did not answer on {self.control} within "
                             f"{READY_TIMEOUT_S:.0f} s ({last_error}); see {self.log_file}")
-
-    def log_tail(self, lines: int = 3) -> str:
-        try:
-            text = Path(self.log_file).read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return "(no log)"
-        return " | ".join(text[-lines:])
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop nbdkit (SIGTERM, then SIGKILL) and remove its pid file. Disconnects the workload."""
-        if self.pid is not None and self.alive():
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            deadline = time.monotonic() + timeout
-            while self.alive() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if self.alive():
-                log.warning("vm %s: nbdkit pid %d ignored SIGTERM; killing it", self.vm.name, self.pid)
-                os.kill(self.pid, signal.SIGKILL)
-                while self.alive():
-                    time.sleep(0.05)
-        self.pid = None
-        for path in (self.pid_file,):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass

@@ -14,9 +14,15 @@ Design notes
   of the wrong JSON type or a value its check refuses is answered with one line quoting the value
   and nothing happens. JSON types are strict: `"false"` is not a boolean, `true` is not an
   integer, `1` is a number but `1.5` is not an integer, NaN and Infinity are not numbers.
-- Security: the socket is created mode 0600 inside a umask, so there is no window in which another
-  user can connect; each peer's uid (SO_PEERCRED) must equal ours, which also refuses root-owned
-  clients of a non-root server. The socket holds the power to stun a VM.
+- Listeners: the server accepts on a `Listener`, which binds the listening socket and admits
+  each connection. `UnixListener` (the default, given a path) is the mirror node's control socket
+  and the agent's API; the agent's TCP API for other hosts admits by mutual TLS
+  (agent/tls.py `TlsListener`). Framing, typed arguments and dispatch are the same on every
+  listener. Admission runs in the connection's own thread, so a slow TLS handshake never holds
+  up the accept loop.
+- Security of the Unix listener: the socket is created mode 0600 inside a umask, so there is no
+  window in which another user can connect; each peer's uid (SO_PEERCRED) must equal ours, which
+  also refuses root-owned clients of a non-root server. The socket holds the power to stun a VM.
 - Threads: one daemon thread per connection. Handlers take their own locks; the server holds none
   while a handler runs. `on_close` tells the owner that a connection went away, so a stun held by
   a vanished agent is rolled back at once instead of waiting for its lease.
@@ -31,7 +37,7 @@ import struct
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Protocol, TypeVar
 
 MAX_LINE_BYTES = 1 << 20     # a request line, newline excluded
 _RECV_BYTES = 1 << 16
@@ -50,11 +56,41 @@ class RequestError(Exception):
 
 
 class Connection:
-    """One client connection; handlers may use it as a key for per-client state (a held stun)."""
+    """One client connection; handlers may use it as a key for per-client state (a held stun).
 
-    def __init__(self, sock: socket.socket, peer_uid: int):
+    `peer` says who is at the other end, for logs: "uid 0", or a TLS peer's name and address.
+    """
+
+    def __init__(self, sock: socket.socket, peer_uid: int | None = None, peer: str = ""):
         self.sock = sock
         self.peer_uid = peer_uid
+        self.peer = peer or f"uid {peer_uid}"
+
+
+class NotAdmitted(Exception):
+    """A connection its listener refuses; `tell`: send the reason as a reply line before closing.
+
+    (A failed TLS handshake has no channel to tell anything on: its peer sees the TLS alert.)
+    """
+
+    def __init__(self, reason: str, tell: bool = True):
+        super().__init__(reason)
+        self.tell = tell
+
+
+class Listener(Protocol):
+    """Where a ControlServer listens and whom it admits (see UnixListener, agent/tls.py TlsListener)."""
+
+    name: str                                  # where it listens, for thread names and logs
+
+    def open(self) -> socket.socket:
+        """A bound, listening socket."""
+
+    def admit(self, sock: socket.socket) -> Connection:
+        """The accepted socket as a Connection, in the connection's own thread; raise NotAdmitted."""
+
+    def close(self) -> None:
+        """Undo what `open` left behind (the socket itself is closed by the server)."""
 
 
 Handler = Callable[[dict[str, Any], Connection], dict[str, Any]]
@@ -260,26 +296,18 @@ def request_lines(sock: socket.socket) -> Iterator[bytes | None]:
             return
 
 
-class ControlServer:
-    """Serves `handle(request, connection) -> reply fields` on a Unix socket.
+class UnixListener:
+    """A Unix socket, mode 0600, admitting only peers of our own uid (the module's notes).
 
-    `malformed` are extra fields of the reply to a line the server refuses itself (not a JSON
-    object with an op, too long): the agent's API adds its usage exit code.
-    Example: `ControlServer("/run/svmotion/vm1.ctl", handle).start()`
+    Example: `ControlServer(UnixListener("/run/svmotion/vm1.ctl"), handle)`, or just the path.
     """
 
-    def __init__(self, path: str, handle: Handler,
-                 on_close: Callable[[Connection], None] | None = None,
-                 malformed: dict[str, Any] | None = None):
+    def __init__(self, path: str):
         self.path = path
-        self._handle = handle
-        self._on_close = on_close
-        self._malformed = malformed or {}
-        self._listener: socket.socket | None = None
-        self._stopping = threading.Event()
+        self.name = path
 
-    def start(self) -> None:
-        """Bind the socket (replacing a stale one) and serve in background threads."""
+    def open(self) -> socket.socket:
+        """Bind the socket (replacing a stale one)."""
         if os.path.exists(self.path):
             os.unlink(self.path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -291,37 +319,79 @@ class ControlServer:
         # A full backlog makes a client's connect fail at once with EAGAIN when it has a timeout
         # set (Unix sockets do not wait), so the agent's own calls would fail under a burst.
         listener.listen(socket.SOMAXCONN)
-        self._listener = listener
-        threading.Thread(target=self._accept_loop, name="control-accept", daemon=True).start()
+        return listener
 
-    def stop(self) -> None:
-        """Stop accepting; open connections end when their clients close them."""
-        self._stopping.set()
-        if self._listener is not None:
-            self._listener.close()
+    def admit(self, sock: socket.socket) -> Connection:
+        uid = peer_uid(sock)
+        if uid != os.getuid():
+            raise NotAdmitted(f"permission denied: peer uid {uid} is not the server's uid {os.getuid()}")
+        return Connection(sock, uid)
+
+    def close(self) -> None:
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
 
+
+class ControlServer:
+    """Serves `handle(request, connection) -> reply fields` on a Listener (a Unix socket path is one).
+
+    `malformed` are extra fields of the reply to a line the server refuses itself (not a JSON
+    object with an op, too long): the agent's API adds its usage exit code.
+    Example: `ControlServer("/run/svmotion/vm1.ctl", handle).start()`
+    """
+
+    def __init__(self, listener: "str | Listener", handle: Handler,
+                 on_close: Callable[[Connection], None] | None = None,
+                 malformed: dict[str, Any] | None = None):
+        self.listener: Listener = UnixListener(listener) if isinstance(listener, str) else listener
+        self._handle = handle
+        self._on_close = on_close
+        self._malformed = malformed or {}
+        self._socket: socket.socket | None = None
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        """Open the listener and serve in background threads."""
+        self._socket = self.listener.open()
+        threading.Thread(target=self._accept_loop, name=f"control-accept {self.listener.name}", daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop accepting; open connections end when their clients close them."""
+        self._stopping.set()
+        if self._socket is not None:
+            self._socket.close()
+        self.listener.close()
+
     def _accept_loop(self) -> None:
-        assert self._listener is not None
+        assert self._socket is not None
         while not self._stopping.is_set():
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = self._socket.accept()
             except OSError:
                 return
-            uid = peer_uid(sock)
-            if uid != os.getuid():
-                self._refuse(sock, f"permission denied: peer uid {uid} is not the server's uid {os.getuid()}")
-                continue
-            conn = Connection(sock, uid)
-            threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
+            threading.Thread(target=self._admit_and_serve, args=(sock,), name="control-conn",
+                             daemon=True).start()
+
+    def _admit_and_serve(self, sock: socket.socket) -> None:
+        try:
+            conn = self.listener.admit(sock)
+        except NotAdmitted as refusal:
+            self._refuse(sock, str(refusal), refusal.tell)
+            return
+        except OSError:
+            sock.close()
+            return
+        self._serve(conn)
 
     @staticmethod
-    def _refuse(sock: socket.socket, reason: str) -> None:
+    def _refuse(sock: socket.socket, reason: str, tell: bool) -> None:
         try:
-            sock.sendall((json.dumps({"ok": False, "error": reason}) + "\n").encode())
+            if tell:
+                sock.sendall((json.dumps({"ok": False, "error": reason}) + "\n").encode())
+        except OSError:
+            pass
         finally:
             sock.close()
 

@@ -10,9 +10,10 @@ Design notes
   docs/interfaces.md section 3; tests that break a config on purpose edit that text.
 - The agent launches nbdkit detached (it must outlive the agent), so pytest's own process tree
   does not contain it: `stop` asks the agent to `shutdown` with stop_vms, kills the agent by PID
-  if it does not go, and then stops any nbdkit still named by the VM's pid file in the state dir,
-  by PID and only if the process start time matches (never by name: other engineers run nbdkit
-  here).
+  if it does not go, and then stops any nbdkit still named by the VM's pid file (or by the
+  datastores' export pid file) in the state dir, by PID and only if the process start time
+  matches (never by name: other engineers run nbdkit here).
+- An agent without disks writes no [[vm]]: a datastore host (`agent_keys`, `extra_config`).
 - Sockets and state live in a short directory under /tmp (Unix socket paths are limited to 107
   bytes); `AgentPool` makes those directories and removes them with the agents.
 """
@@ -72,6 +73,8 @@ class AgentProcess:
     listen: str | None = None         # "127.0.0.1:PORT": nbdkit also serves NBD over TCP
     metrics: str = "127.0.0.1:0"      # "" switches the agent's /metrics off
     env: dict[str, str] = field(default_factory=dict)
+    agent_keys: dict[str, str] = field(default_factory=dict)   # more [agent] keys (listen, nbd_listen)
+    extra_config: str = ""            # more tables ([tls], [[datastore]]); no disks: no [[vm]] at all
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
     _logs: int = 0
@@ -105,8 +108,12 @@ class AgentProcess:
     def config_text(self) -> str:
         """The TOML of docs/interfaces.md section 3 for this description."""
         lines = ["[agent]", f'socket = "{self.socket}"', f'state_dir = "{self.state}"',
-                 f'metrics = "{self.metrics}"', "", "[[vm]]", f'name = "{self.name}"',
-                 f'socket = "{self.nbd_socket}"', f"files = {json.dumps([str(f) for f in self.files])}"]
+                 f'metrics = "{self.metrics}"']
+        lines += [f"{key} = {json.dumps(value)}" for key, value in self.agent_keys.items()]
+        if not self.disks:
+            return "\n".join(lines) + "\n\n" + self.extra_config
+        lines += ["", "[[vm]]", f'name = "{self.name}"',
+                  f'socket = "{self.nbd_socket}"', f"files = {json.dumps([str(f) for f in self.files])}"]
         if self.lease is not None:
             lines.append(f"lease = {self.lease}")
         if self.listen:
@@ -114,7 +121,7 @@ class AgentProcess:
         for name, path in self.disks.items():
             lines += ["", "  [[vm.disk]]", f'  name = "{name}"', f'  path = "{path}"',
                       f"  sidecars = {json.dumps([str(s) for s in self.sidecars.get(name, [])])}"]
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n\n" + self.extra_config
 
     def write_config(self) -> Path:
         assert self.config is not None
@@ -153,7 +160,7 @@ class AgentProcess:
             vms = self.call("status")["vms"]
         except NOT_ANSWERING:
             return False
-        return not wait_nbdkit or (vms[0].get("nbdkit_up", True) and self.nbd_socket.exists())
+        return not wait_nbdkit or not self.disks or (vms[0].get("nbdkit_up", True) and self.nbd_socket.exists())
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         """One request to the agent API (docs/interfaces.md section 4)."""
@@ -231,6 +238,7 @@ class AgentProcess:
                 cli.kill()
             cli.communicate()
         self._background.clear()
+        stop_recorded_nbdkit(self.state / "exports.pid")     # the datastores' export, if any
 
 
 def stop_recorded_nbdkit(pid_file: Path) -> None:
