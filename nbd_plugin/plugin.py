@@ -9,7 +9,9 @@ script's directory to sys.path). See docs/interfaces.md for the control protocol
 
 Every data callback passes the VM's stun gate (enter ... leave) around the disk operation, like
 nbdkit's pause filter, so a stun holds new requests and knows when the ones in flight are done.
-An OSError from the source becomes the NBD error with its errno; anything else becomes EIO.
+An OSError from the source becomes the NBD error with its errno when NBD has that error, else EIO
+(nbdkit would send an errno it cannot carry as EINVAL: a remote disk that does not answer, ETIMEDOUT,
+would look like a bad request); anything else becomes EIO.
 
 The VM (and so every backend, whose NBD links have threads) is made in `after_fork`: threads
 started before nbdkit forks would be lost in the parent.
@@ -28,6 +30,10 @@ from nbd_plugin.threadstate import PinnedThreadStates
 from nbd_plugin.vm import VM
 
 API_VERSION = 2
+
+# The errors NBD carries (nbdkit maps EROFS, EDQUOT and EFBIG itself); any other is sent as EIO.
+NBD_ERRNOS = frozenset((errno.EPERM, errno.EIO, errno.ENOMEM, errno.EINVAL, errno.ENOSPC, errno.EOVERFLOW,
+                        errno.ENOTSUP, errno.EOPNOTSUPP, errno.ESHUTDOWN, errno.EROFS, errno.EDQUOT, errno.EFBIG))
 
 _config: dict = {"vm": None, "disks": [], "control": None, "lease": 2.0, "state": None,
                  "tls-certificates": None, "tls-psk-file": None, "dest-timeout": None, "source-timeout": 30.0}
@@ -233,7 +239,7 @@ def _call(op, *args):
     try:
         return op(*args)
     except OSError as err:
-        nbdkit.set_error(err.errno or errno.EIO)
+        nbdkit.set_error(err.errno if err.errno in NBD_ERRNOS else errno.EIO)
         raise
     finally:
         gate.leave()
