@@ -35,10 +35,15 @@ Design notes
   hole) and the mirror and the switchover rely on both sides reading the same, while NBD's trim
   promises nothing about what is read afterwards; servers implement both as the same punch.
   Write-back: NBD has no "write back without flush": the server has the data once it replies.
-  `start_write_back` notes the range; `write_back` flushes unless a flush that began after the
-  note has completed (one flush covers every acknowledged write). The copier's write-behind thus
-  costs one flush per window: the server's cache stays bounded, and the flush before the
+  `start_write_back` notes the range and starts a flush unless one is in flight (one flush
+  covers every write acknowledged before it was sent); `write_back` waits until a flush that
+  began after the note has completed, and flushes itself if none did. So the copier's
+  write-behind keeps one flush in flight beside its writes (waiting for each in turn halved the
+  copy's rate), the server's cache stays bounded by the window, and the flush before the
   switchover stun stays short, as for a local destination.
+  Flush deadlines: at least FLUSH_TIMEOUT. A flush waits for the server's storage, which may
+  legitimately take longer than a write's deadline; a dead link is still found by the deadline
+  of any other request on it, which cuts every link of the backend.
   Extents: base:allocation; a range that reads as zeroes (STATE_ZERO) is a hole to the copier,
   allocated or not. A server without base:allocation has data everywhere.
 """
@@ -62,6 +67,7 @@ MAX_LINKS = 4                   # links per backend when the server advertises m
 MAX_REQUEST_BYTES = 32 << 20    # one read or write request (nbdkit's limit; a server may say less)
 MAX_ZERO_BYTES = 1 << 30        # one zero request (NBD counts are 32 bits)
 MAX_STATUS_BYTES = 1 << 30      # the range one block status request asks about
+FLUSH_TIMEOUT = 10.0            # the least deadline of a flush, seconds (module notes)
 REACTOR_GRACE = 0.25            # a waiter's margin over its reactor enforcing the deadline
 CLOSE_GRACE = 0.2               # how long close waits for clean disconnects
 _ZEROES = bytes(1 << 20)
@@ -327,6 +333,7 @@ class NbdBackend:
         self._open_error: OSError | None = None
         self._flushes_begun = 0
         self._flushed = 0             # the highest flush number known complete
+        self._flushing = False        # a write-behind flush is in flight
         self._noted: dict[tuple[int, int], int] = {}
         first = self._connect(time.monotonic() + self.timeout)
         try:
@@ -424,13 +431,13 @@ class NbdBackend:
 
     # --- one request, in pieces, waited for -------------------------------------------------
 
-    def _request(self, op: str, offset: int, pieces: list[tuple[int, Issue]]) -> None:
+    def _request(self, op: str, offset: int, pieces: list[tuple[int, Issue]], timeout: float | None = None) -> None:
         """Issue the pieces of one request on one link and wait for all of them, by the deadline.
 
         Always waits for every piece it issued, even after an error: a read's buffer is the
         caller's (nbdkit's), which must not be written after we return.
         """
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + (timeout or self.timeout)
         link = self._link(deadline, op, offset)
         count = _Countdown(len(pieces))
         for i, (nbytes, issue) in enumerate(pieces):
@@ -468,12 +475,22 @@ class NbdBackend:
     def flush(self) -> None:
         if not self.can_flush:
             return
+        number = self._begin_flush()
+        self._request("flush", 0, [(0, _flush)], max(self.timeout, FLUSH_TIMEOUT))
+        self._flush_done(number, 0)
+
+    def _begin_flush(self) -> int:
         with self._cond:
             self._flushes_begun += 1
-            number = self._flushes_begun
-        self._request("flush", 0, [(0, lambda h, cb: h.aio_flush(completion=cb))])
+            return self._flushes_begun
+
+    def _flush_done(self, number: int, err: int, background: bool = False) -> None:
         with self._cond:
-            self._flushed = max(self._flushed, number)
+            if not err:
+                self._flushed = max(self._flushed, number)
+            if background:
+                self._flushing = False
+            self._cond.notify_all()
 
     def trim(self, count: int, offset: int, fua: bool = False) -> None:
         """Zeroes that may be punched, not NBD's trim: see the module notes."""
@@ -550,14 +567,29 @@ class NbdBackend:
         return self.size
 
     def start_write_back(self, offset: int, count: int) -> None:
-        """Note a copied range: a flush that begins from now on covers it (module notes, write-back)."""
+        """Note a copied range and start a flush unless one is in flight (module notes, write-back)."""
+        if not self.can_flush:
+            return
         with self._cond:
             self._noted[(offset, count)] = self._flushes_begun
+            if self._flushing:
+                return
+            self._flushing = True
+        number = self._begin_flush()
+        deadline = time.monotonic() + max(self.timeout, FLUSH_TIMEOUT)
+        try:
+            link = self._link(deadline, "flush", 0)
+            link.submit(_flush, 0, lambda err: self._flush_done(number, err, background=True), deadline)
+        except OSError:
+            self._flush_done(number, errno.EIO, background=True)   # write_back flushes itself
 
     def write_back(self, offset: int, count: int) -> None:
-        """Wait until a noted range is on the server's storage: one flush, unless one since covered it."""
+        """Wait until a noted range is on the server's storage: for a flush begun after the note,
+        or one of our own when none is in flight (a failed one raises)."""
         with self._cond:
             before = self._noted.pop((offset, count), None)
+            while before is not None and self._flushed <= before and self._flushing:
+                self._cond.wait()
             covered = before is None or self._flushed > before
         if not covered:
             self.flush()
@@ -660,6 +692,10 @@ def _pread(buf: nbd.Buffer, offset: int) -> Issue:
 
 def _pwrite(buf: memoryview, offset: int, flags: int) -> Issue:
     return lambda h, cb: h.aio_pwrite(buf, offset, completion=cb, flags=flags)
+
+
+def _flush(h: nbd.NBD, cb: Callable[[object], int]) -> int:
+    return h.aio_flush(completion=cb)
 
 
 def _zero(count: int, offset: int, flags: int) -> Issue:
