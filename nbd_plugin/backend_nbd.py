@@ -146,7 +146,10 @@ class Link:
                 req.finished = True
                 self._pending.discard(req)
                 self.in_flight_bytes -= nbytes
-            raise OSError(err.errnum or errno.ENOTCONN, err.string) from None
+            if h.aio_is_dead() or h.aio_is_closed():    # the reactor has not seen it yet
+                self.kill(errno.ENOTCONN, f"connection to {self.uri} lost")
+                raise OSError(errno.ENOTCONN, f"connection to {self.uri} lost: {err.string}") from None
+            raise OSError(err.errnum or errno.EIO, err.string) from None
         if wake:
             self._wake()
 
@@ -179,6 +182,11 @@ class Link:
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
+
+    @property
+    def usable(self) -> bool:
+        """Alive and not being cut (a killed link is alive until its reactor has ended it)."""
+        return self.alive and not self._killed
 
     @property
     def load(self) -> int:
@@ -329,8 +337,9 @@ class NbdBackend:
         self._links: list[Link] = []
         self._closed = False
         self._want_link = False
-        self._attempts = 0
-        self._open_error: OSError | None = None
+        self._begun = 0               # connection attempts the opener began ...
+        self._ended = 0               # ... and the number of the last one that ended
+        self._open_error: OSError | None = None   # why the last attempt failed
         self._flushes_begun = 0
         self._flushed = 0             # the highest flush number known complete
         self._flushing = False        # a write-behind flush is in flight
@@ -354,7 +363,8 @@ class NbdBackend:
             self.can_zero, self.can_fast_zero = h.can_zero(), h.can_fast_zero()
             self.can_extents = h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
             self.max_request = min(h.get_block_size(nbd.SIZE_MAXIMUM) or MAX_REQUEST_BYTES, MAX_REQUEST_BYTES)
-            self._target = MAX_LINKS if h.can_multi_conn() else 1
+            self._most = MAX_LINKS if h.can_multi_conn() else 1
+            self._target = self._most     # links the opener keeps; lowered after a failed attempt
         except nbd.Error as err:
             raise OSError(err.errnum or errno.EIO, f"{self.path}: {err.string}") from None
 
@@ -364,23 +374,26 @@ class NbdBackend:
         return Link(self.path, self.options, deadline, self._link_dead, self._timed_out)
 
     def _open_links(self) -> None:
-        """The opener thread: links beyond the first, and replacements asked for by `_link`."""
+        """The opener thread: links beyond the first, and replacements asked for by `_link`.
+
+        A failed attempt stops the background ones (a host that does not answer is not called
+        again and again) until a request asks for a link; one that succeeds brings them back.
+        """
         while True:
             with self._cond:
                 while not self._closed and not self._want_link and len(self._links) >= self._target:
                     self._cond.wait()
                 if self._closed:
                     return
-                asked = self._want_link
+                self._want_link = False
+                self._begun += 1
+                number = self._begun
             try:
                 link = self._connect(time.monotonic() + self.timeout)
             except OSError as err:
                 with self._cond:
-                    self._attempts += 1
-                    self._open_error = err
-                    self._want_link = False
-                    if not asked:      # no more background attempts until a request asks
-                        self._target = len(self._links)
+                    self._ended, self._open_error = number, err
+                    self._target = len(self._links)
                     self._cond.notify_all()
                 continue
             with self._cond:
@@ -388,28 +401,29 @@ class NbdBackend:
                     link.close()
                     return
                 self._links.append(link)
-                self._attempts += 1
-                self._want_link = False
+                self._ended, self._target = number, self._most
                 self._cond.notify_all()
 
     def _link(self, deadline: float, op: str, offset: int) -> Link:
         """The live link with the least in flight; a new one (by the deadline) when none is left."""
         with self._cond:
             while True:
-                live = [link for link in self._links if link.alive]
+                live = [link for link in self._links if link.usable]
                 if live:
                     return min(live, key=lambda link: link.load)
                 if self._closed:
                     raise OSError(errno.ESHUTDOWN, f"{op}: {self.path} is closed")
+                # Wait for an attempt begun after this request: one already under way may be
+                # failing for a reason that has passed (a server that did not answer then).
                 self._want_link = True
-                attempt = self._attempts
+                after = self._begun
                 self._cond.notify_all()
-                while self._attempts == attempt:
+                while self._ended <= after and not any(link.usable for link in self._links):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise self._timeout(op, offset)
                     self._cond.wait(remaining)
-                if not any(link.alive for link in self._links) and self._open_error is not None:
+                if not any(link.usable for link in self._links) and self._open_error is not None:
                     err = self._open_error
                     raise OSError(err.errno, f"{op} at {offset}: {err.strerror}")
 
@@ -440,13 +454,20 @@ class NbdBackend:
         deadline = time.monotonic() + (timeout or self.timeout)
         link = self._link(deadline, op, offset)
         count = _Countdown(len(pieces))
-        for i, (nbytes, issue) in enumerate(pieces):
+        i, retried = 0, False
+        while i < len(pieces):
+            nbytes, issue = pieces[i]
             try:
                 link.submit(issue, nbytes, count.one, deadline)
             except OSError as err:
+                if i == 0 and err.errno == errno.ENOTCONN and not retried:
+                    retried = True      # a link found dead as we used it, nothing sent: another one
+                    link = self._link(deadline, op, offset)
+                    continue
                 for _ in pieces[i:]:
                     count.one(err.errno or errno.EIO)
                 break
+            i += 1
         if not count.event.wait(max(0.0, deadline - time.monotonic()) + REACTOR_GRACE):
             link.kill(errno.ETIMEDOUT, f"no answer from {self.path} within {self.timeout} s")
             count.event.wait(REACTOR_GRACE)
@@ -661,7 +682,7 @@ class Channel:
 
     def _submit(self, op: str, offset: int, nbytes: int, issue: Issue, done: Done, cap: float | None) -> None:
         deadline = self._deadline(cap)
-        if self._link is None or not self._link.alive:
+        if self._link is None or not self._link.usable:
             self._link = self.backend._link(deadline, op, offset)
         self._link.submit(issue, nbytes, done, deadline)
 

@@ -11,6 +11,10 @@ Design notes
   and clears its bits before its first read; it keeps the range until its last request has
   completed; a failed piece fails the run, whose bits are set again before the range is let go.
   So a guest write never lands between the copier's read of a chunk and its write (chunklock.py).
+  A run's range is taken without waiting while other runs are in flight; when it would have to
+  wait (guest writes hold it, or wait for it first), the runs in flight are drained first: a
+  waiter must hold nothing (chunklock.py, first come first served), and their completions are
+  run by this thread, which a wait would stop.
 - A piece: read the source (a file: os.preadv, here; NBD: a read in flight), then write the
   destination (NBD: a write in flight; a file: pwrite, here). A hole of the source becomes zero
   requests that may punch on an NBD destination (its server allocates nothing for them, so a
@@ -88,7 +92,12 @@ class Pipeline:
     def start(self, first: int, last: int) -> None:
         """Take chunks first..last, clear them, and issue their copy; return without waiting for it."""
         dmap = self.mirror.map
-        run = Run(first, last, self.mirror.locks.acquire(first, last))
+        held = self.mirror.locks.try_acquire(first, last)
+        if held is None:
+            while self._runs:
+                self._run_events(wait=True)
+            held = self.mirror.locks.acquire(first, last)
+        run = Run(first, last, held)
         dmap.clear(first, last)
         self._runs.append(run)
         offset, count = first << dmap.shift, dmap.chunk_bytes(first, last)

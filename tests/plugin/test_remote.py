@@ -372,6 +372,46 @@ def test_a_remote_served_disk_reports_the_exports_errors_to_the_guest(tmp_path: 
 
 # ---- the pipelined copier ------------------------------------------------------------------------
 
+@pytest.mark.parametrize("mode", ["sync", "dirty"])
+def test_ping_pong_between_a_local_and_a_remote_disk_under_a_hammering_writer(
+        tmp_path: Path, testlib, pki, start_nbd_server, start_mirror_node, mode: str) -> None:
+    """Back and forth between a local file and a TLS export while the writer hammers a hot region
+    with small chunks: every pipelined run (file -> NBD, NBD -> file) races many guest writes, and
+    every switchover compares both sides under the stun."""
+    size = 8 * MiB
+    (tmp_path / "src").mkdir()
+    local = testlib.make_dense_image(tmp_path / "src" / "disk0.raw", size)
+    remote = sparse_file(tmp_path / "hostb" / "disk0.raw", size)
+    server = start_nbd_server(remote, transport="tcp", tls="x509")
+    node = start_mirror_node({"disk0": local}, extra=tls_args(pki, "x509"))
+    ctl = node.client()
+    here, there = (local, str(local)), (remote, server.uri)     # (file, location) of each side
+    writer = start_writer(node, connections=4, queue_depth=8, rate=None, max_write=64 * KiB,
+                          hot_region=(0, 2 * MiB), hot_ratio=0.8, fua_ratio=0.1)
+    try:
+        for round_ in range(4):
+            if round_:                       # the side we leave gets a fresh sparse destination
+                with open(there[0], "r+b") as f:
+                    f.truncate(0)
+                    f.truncate(size)
+            flow = Flow(ctl, {"disk0": here[0]}, {"disk0": there[1]}, mode=mode, granularity=16 * KiB)
+            flow.install()
+            flow.copy("bulk")
+            flow.converge()
+
+            def compare() -> None:
+                assert testlib.same_content(here[0], there[0]) == [], f"round {round_}: differs at switchover"
+
+            flow.switchover(compare)
+            ctl.call("finish")
+            assert disk_status(ctl)["disk0"]["path"] == there[1]
+            here, there = there, here
+            wait_writes(writer, 20)
+    finally:
+        report = writer.stop()
+    assert_clean(writer, report, {"disk0": here[0]})
+
+
 @pytest.mark.parametrize("stop_at", ["before the write is issued", "while the write is in flight"])
 def test_a_guest_write_into_a_pipelined_run_waits_for_it(tmp_path: Path, pki, start_nbd_server, monkeypatch,
                                                          stop_at: str) -> None:
@@ -436,6 +476,74 @@ def test_a_guest_write_into_a_pipelined_run_waits_for_it(tmp_path: Path, pki, st
         for t in threads:
             if t.ident is not None:
                 t.join(15)
+        pool.shutdown()
+        source.close()
+        dest.close()
+
+
+def test_a_pipelined_run_that_must_wait_lets_its_runs_in_flight_go_first(tmp_path: Path, pki, start_nbd_server) -> None:
+    """The copier has run 1 (chunk 0) in flight to a frozen destination; a guest write straddling
+    chunks 0 and 1 waits in line for it; the copier's next run (chunk 1) is behind that write.
+    Waiting there while holding run 1, whose completion only the copier runs, would deadlock:
+    the pipeline drains run 1 first (chunklock.py, pipeline.py), and all three finish."""
+    size, granularity = 1 * MiB, 64 * KiB
+    src_path = tmp_path / "src.raw"
+    src_path.write_bytes(b"\xaa" * size)
+    dst_path = sparse_file(tmp_path / "hostb" / "dst.raw", size)
+    server = start_nbd_server(dst_path, transport="unix", tls="x509")
+    source = FileBackend(str(src_path))
+    dest = NbdBackend(server.uri, options_for(pki, "x509", dest_timeout=20.0), dest=True)
+    pool = ThreadPoolExecutor(2)
+    mirror = Mirror(dest, "sync", granularity, size, pool, DiskStats())
+    pipeline = Pipeline(source, mirror)
+    first_issued, guest_in_line, guest_done = threading.Event(), threading.Event(), threading.Event()
+    results: list = []
+    new, at = b"\xbb" * (4 * KiB), granularity - 2 * KiB
+
+    def copier() -> None:
+        pipeline.start(0, 0)
+        first_issued.set()
+        guest_in_line.wait(10)
+        pipeline.start(1, 1)
+        results.extend(pipeline.drain())
+
+    def guest() -> None:
+        mirror.update("pwrite", lambda: source.pwrite(new, at), lambda: dest.pwrite(new, at), at, len(new), False)
+        guest_done.set()
+
+    server.freeze()
+    threads = [threading.Thread(target=copier, daemon=True), threading.Thread(target=guest, daemon=True)]
+    try:
+        threads[0].start()
+        assert first_issued.wait(5)
+        threads[1].start()
+        deadline = time.monotonic() + 5
+        while (probe := mirror.locks.try_acquire(1, 1)) is not None:    # until the guest is in line
+            mirror.locks.release(probe)
+            assert time.monotonic() < deadline, "the guest write never queued for chunks 0..1"
+            time.sleep(0.005)
+        guest_in_line.set()
+        time.sleep(0.3)
+        assert not guest_done.is_set()
+        server.thaw()
+        for t in threads:
+            t.join(10)
+        assert not any(t.is_alive() for t in threads), "copier and guest wait for each other"
+        assert [r.error for r in results] == [None, None], results
+        # The write found chunk 1 not yet copied: source only, both chunks marked; run 2 then
+        # copied chunk 1 with it, and chunk 0 waits for the next pass.
+        assert mirror.map.is_dirty(0) and not mirror.map.is_dirty(1)
+        again = Pipeline(source, mirror)
+        again.start(0, 0)
+        assert [r.error for r in again.drain()] == [None]
+        with open(dst_path, "rb") as f:
+            assert f.read(2 * granularity) == b"\xaa" * at + new + b"\xaa" * (2 * granularity - at - len(new))
+    finally:
+        guest_in_line.set()
+        server.thaw()
+        for t in threads:
+            if t.ident is not None:
+                t.join(10)
         pool.shutdown()
         source.close()
         dest.close()
