@@ -328,8 +328,11 @@ def start_nbd_server(sock_dir: Path, tmp_path: Path, processes: Processes,
     count = [0]
 
     def start(image: Path | None = None, *, memory: int | None = None, transport: str = "unix",
-              tls: str | None = None) -> nbdremote.NbdServer:
-        plugin = ["file", f"file={image}"] if image is not None else ["memory", f"size={memory}"]
+              tls: str | None = None, filters: tuple[str, ...] = ()) -> nbdremote.NbdServer:
+        # `filters`: e.g. ("--filter=delay", "wdelay=100ms"): options before the plugin, parameters after.
+        plugin = [f for f in filters if f.startswith("--")]
+        plugin += ["file", f"file={image}"] if image is not None else ["memory", f"size={memory}"]
+        plugin += [f for f in filters if not f.startswith("--")]
         while True:
             count[0] += 1
             log = tmp_path / f"nbdkit-remote-{count[0]}.log"
