@@ -1,6 +1,11 @@
-"""Disk backends: where a disk's bytes live (a local raw file), and the copy between two of them.
+"""Disk backends: where a disk's bytes live, and the copy between two local files.
 
-Design notes
+A disk lives in a local raw file (`FileBackend`, here) or behind an NBD export on another host
+(`NbdBackend`, backend_nbd.py). `Backend` is what both offer: the disk, the mirror, the copier,
+digest and the switchover use nothing else. `open_backend` picks one by the location's form: an
+NBD URI (`nbd://`, `nbds://`, `nbd+unix://`, `nbds+unix://`) or a file path.
+
+Design notes (the file backend)
 - One open file descriptor per backend, shared by every nbdkit connection and the copier. Only
   positional IO is used (pread/pwrite/copy_file_range with offsets, lseek only for SEEK_DATA /
   SEEK_HOLE whose result is its return value), so threads never race on the file offset.
@@ -16,7 +21,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Protocol
+
+from .digest import chunk_digests
+
+if TYPE_CHECKING:
+    from .backend_nbd import NbdOptions
+
+NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -60,6 +72,74 @@ def write_back_in_slices(fd: int, size: int) -> None:
     """
     for offset in range(0, size, WRITEBACK_SLICE):
         sync_file_range(fd, offset, WRITEBACK_SLICE, WRITE_BACK_AND_WAIT)
+
+
+class Backend(Protocol):
+    """What a disk's storage offers, local or remote (FileBackend, NbdBackend).
+
+    `path` is where it lives, as given: a file path or an NBD URI (what the served record and
+    `status` name). Offsets and counts are in bytes; every error is an OSError with an errno.
+    """
+
+    path: str
+    size: int
+
+    def pread(self, buf: memoryview | bytearray, offset: int) -> None: ...
+
+    def pwrite(self, buf: memoryview | bytes, offset: int, fua: bool = False) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def trim(self, count: int, offset: int, fua: bool = False) -> None: ...
+
+    def zero(self, count: int, offset: int, may_trim: bool, fast: bool, fua: bool = False) -> None: ...
+
+    def next_data(self, offset: int) -> int: ...
+
+    def segments(self, offset: int, count: int) -> Iterator[tuple[int, int, bool]]: ...
+
+    def start_write_back(self, offset: int, count: int) -> None: ...
+
+    def write_back(self, offset: int, count: int) -> None: ...
+
+    def write_back_all(self) -> None: ...
+
+    def digests(self, offset: int, count: int, granularity: int) -> bytes: ...
+
+    def check_renamed(self, location: str) -> str | None:
+        """None if `location` names what is open (the agent renamed it), else what is wrong with it."""
+
+    def become_primary(self) -> None:
+        """The switchover made this destination the disk the guest is served from."""
+
+    def close(self) -> None: ...
+
+
+def is_nbd_uri(location: str) -> bool:
+    """True for an NBD URI (nbd://, nbds://, nbd+unix://, nbds+unix://), False for a file path."""
+    scheme, sep, _ = location.partition("://")
+    return bool(sep) and scheme in NBD_SCHEMES
+
+
+def location_problem(location: str) -> str | None:
+    """What is wrong with a disk location (a file path or an NBD URI), or None."""
+    scheme, sep, _ = location.partition("://")
+    if sep and scheme.isascii() and scheme.replace("+", "").isalpha() and scheme not in NBD_SCHEMES:
+        return (f"unsupported URI scheme {scheme!r}; use nbd://HOST:PORT/EXPORT, nbds://... (TLS), "
+                "nbd+unix:///EXPORT?socket=PATH, nbds+unix://... or a file path")
+    return None
+
+
+def open_backend(location: str, options: NbdOptions | None = None, *, dest: bool = False) -> Backend:
+    """The backend for a location: an NBD URI through libnbd, anything else a local file.
+
+    `dest`: a mirror's destination (its requests get the short destination deadline), else the
+    disk the guest is served from. Example: `open_backend("nbds://hostb:10809/disk0", options)`.
+    """
+    if is_nbd_uri(location):
+        from .backend_nbd import NbdBackend, NbdOptions   # libnbd only where a disk is remote
+        return NbdBackend(location, options or NbdOptions(), dest=dest)
+    return FileBackend(location)
 
 
 class FileBackend:
@@ -138,6 +218,29 @@ class FileBackend:
             offset += n
             count -= n
 
+    def write_back_all(self) -> None:
+        """Make everything written durable: write back slice by slice, then flush (flush_dest, Cleanup)."""
+        write_back_in_slices(self.fd, self.size)
+        self.flush()
+
+    def digests(self, offset: int, count: int, granularity: int) -> bytes:
+        """Per-chunk digests of a range, computed here where the data is (digest.py)."""
+        return chunk_digests(self, offset, count, granularity)
+
+    def become_primary(self) -> None:
+        """Nothing changes for a file."""
+
+    def check_renamed(self, location: str) -> str | None:
+        """None if `location` is this file after a rename (checked by inode), else what is wrong."""
+        try:
+            st = os.stat(location)
+        except OSError:
+            return "is not the file the disk has open"
+        own = os.fstat(self.fd)
+        if (st.st_dev, st.st_ino) != (own.st_dev, own.st_ino):
+            return "is not the file the disk has open"
+        return None
+
     def next_data(self, offset: int) -> int:
         """The first offset at or after `offset` holding data, or the size when only a hole follows."""
         try:
@@ -167,8 +270,26 @@ class FileBackend:
             self.fd = -1
 
 
-def copy_range(src: FileBackend, dst: FileBackend, offset: int, count: int) -> None:
-    """Copy bytes at the same offset from src to dst in the kernel (copy_file_range), no user-space buffer."""
+def zero_hole(dest: Backend, offset: int, count: int) -> None:
+    """Make dest read zeroes where the source has a hole, allocating nothing.
+
+    A file is punched where it has data (a fresh sparse destination has none: nothing is written);
+    an NBD export is sent zeroes that may punch, which its server does for a range without data.
+    """
+    if not isinstance(dest, FileBackend):
+        dest.zero(count, offset, may_trim=True, fast=False)
+        return
+    for d_off, d_len, d_data in dest.segments(offset, count):
+        if d_data:
+            dest.trim(d_len, d_off)
+
+
+def copy_range(src: Backend, dst: Backend, offset: int, count: int) -> None:
+    """Copy bytes at the same offset from src to dst: between two files in the kernel
+    (copy_file_range, no user-space buffer), else through a buffer."""
+    if not (isinstance(src, FileBackend) and isinstance(dst, FileBackend)):
+        copy_buffered(src, dst, offset, count)
+        return
     done = 0
     while done < count:
         try:
@@ -178,22 +299,19 @@ def copy_range(src: FileBackend, dst: FileBackend, offset: int, count: int) -> N
             # filesystems do not implement it: copy through a buffer then.
             if err.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
-            _copy_buffered(src, dst, offset + done, count - done)
+            copy_buffered(src, dst, offset + done, count - done)
             return
         if n == 0:
             raise OSError(errno.EIO, f"copy_file_range: no progress at {offset + done} of {src.path}")
         done += n
 
 
-def _copy_buffered(src: FileBackend, dst: FileBackend, offset: int, count: int) -> None:
-    """pread/pwrite fallback of copy_range, in pieces of at most 1 MiB."""
+def copy_buffered(src: Backend, dst: Backend, offset: int, count: int) -> None:
+    """copy_range through a buffer, in pieces of at most 1 MiB, one at a time."""
+    buf = memoryview(bytearray(min(1 << 20, count)))
     end = offset + count
     while offset < end:
-        data = os.pread(src.fd, min(1 << 20, end - offset), offset)
-        if not data:
-            raise OSError(errno.EIO, f"pread: unexpected end of {src.path} at {offset}")
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(dst.fd, view, offset)
-            view = view[written:]
-            offset += written
+        piece = buf[:min(len(buf), end - offset)]
+        src.pread(piece, offset)
+        dst.pwrite(piece, offset)
+        offset += len(piece)

@@ -12,6 +12,12 @@ Design notes
        hole: the destination must read zeroes there too, so punch where it has data (a fresh
        sparse destination has none: nothing is written and it stays sparse),
     4. on any error, set the bits again: the run is retried by a later pass, never lost.
+- A remote side (either is an NBD export): the same runs under the same rules, but several in
+  flight at once on libnbd's async API (pipeline.py); holes become zero requests that may punch.
+  Local to local stays one copy_file_range at a time: it is as fast as the storage already.
+- A destination that stops answering (a request past its deadline, ETIMEDOUT) fails the mirror
+  (`Mirror.fail`): the pass stops at once and the migration fails; waiting for it to answer
+  again would only hold guest writes in its chunks.
 - A pass stops after several consecutive failed runs (a full or broken destination) and reports
   the first error; the agent decides to fail the migration. The guest never sees it.
 - A write-back error is worse than a failed run: the kernel reports it once, for whichever range
@@ -35,20 +41,24 @@ Design notes
   against: a new mirror starts all dirty, and the sync mirror writes nothing to the destination
   for a dirty chunk, so until the load pass reaches a chunk only the failed migration wrote it.
   Guest writes to a run wait for it (chunk locks), exactly as for a copied run; a chunk compared
-  equal is from then on a copied chunk. The two digest calls stay separate so that a remote
-  destination can compute its side where its data is.
+  equal is from then on a copied chunk. The two digest calls stay separate, each asked of its
+  backend (`backend.digests`), so that a remote destination can compute its side where its data
+  is (today an NBD backend reads the chunks over NBD: the seam is its `digests`). Load runs go
+  one at a time, whatever the sides.
 """
 from __future__ import annotations
 
 import collections
+import errno
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
-from .backend import FileBackend, copy_range
-from .digest import byte_ranges, chunk_digests, differing
+from .backend import Backend, copy_range, zero_hole
+from .digest import byte_ranges, differing
 from .mirror import Mirror
+from .pipeline import Pipeline, RunResult, pipelined
 from .priority import lower_this_thread
 from .stats import DiskStats
 
@@ -82,7 +92,7 @@ class PassProgress:
 class WriteBehind:
     """The destination ranges a pass copied whose write-back it has started but not waited for."""
 
-    def __init__(self, dest: FileBackend, window: int = WRITE_BEHIND_BYTES):
+    def __init__(self, dest: Backend, window: int = WRITE_BEHIND_BYTES):
         self.dest = dest
         self.window = window
         self._started: collections.deque[tuple[int, int]] = collections.deque()
@@ -99,21 +109,19 @@ class WriteBehind:
             self.dest.write_back(old_offset, old_count)
 
 
-def carry(source: FileBackend, dest: FileBackend, offset: int, count: int) -> int:
-    """Make dest's range equal to source's: data copied, holes punched; return the data bytes copied."""
+def carry(source: Backend, dest: Backend, offset: int, count: int) -> int:
+    """Make dest's range equal to source's: data copied, holes zeroed sparsely; return the data bytes copied."""
     copied = 0
     for seg_off, seg_len, is_data in source.segments(offset, count):
         if is_data:
             copy_range(source, dest, seg_off, seg_len)
             copied += seg_len
         else:
-            for d_off, d_len, d_data in dest.segments(seg_off, seg_len):
-                if d_data:
-                    dest.trim(d_len, d_off)
+            zero_hole(dest, seg_off, seg_len)
     return copied
 
 
-def copy_run(source: FileBackend, mirror: Mirror, first: int, last: int) -> int:
+def copy_run(source: Backend, mirror: Mirror, first: int, last: int) -> int:
     """Copy chunks first..last to the destination; return the data bytes copied."""
     dmap = mirror.map
     with mirror.locks.hold(first, last):
@@ -125,7 +133,7 @@ def copy_run(source: FileBackend, mirror: Mirror, first: int, last: int) -> int:
             raise
 
 
-def load_run(source: FileBackend, mirror: Mirror, first: int, last: int) -> tuple[int, int]:
+def load_run(source: Backend, mirror: Mirror, first: int, last: int) -> tuple[int, int]:
     """Compare chunks first..last of both sides by digest, copy those that differ; (compared, copied) bytes."""
     dmap = mirror.map
     offset, count = first << dmap.shift, dmap.chunk_bytes(first, last)
@@ -133,8 +141,8 @@ def load_run(source: FileBackend, mirror: Mirror, first: int, last: int) -> tupl
     with mirror.locks.hold(first, last):
         dmap.clear(first, last)
         try:
-            theirs = chunk_digests(mirror.dest, offset, count, dmap.granularity)
-            ours = chunk_digests(source, offset, count, dmap.granularity)
+            theirs = mirror.dest.digests(offset, count, dmap.granularity)
+            ours = source.digests(offset, count, dmap.granularity)
             for d_off, d_len in byte_ranges(differing(ours, theirs), offset, count, dmap.granularity):
                 copied += carry(source, mirror.dest, d_off, d_len)
         except BaseException:
@@ -143,7 +151,7 @@ def load_run(source: FileBackend, mirror: Mirror, first: int, last: int) -> tupl
     return count, copied
 
 
-def next_run(source: FileBackend, mirror: Mirror, chunk: int) -> int:
+def next_run(source: Backend, mirror: Mirror, chunk: int) -> int:
     """The last chunk of the run that starts at dirty chunk `chunk`."""
     dmap = mirror.map
     offset = chunk << dmap.shift
@@ -155,57 +163,109 @@ def next_run(source: FileBackend, mirror: Mirror, chunk: int) -> int:
     return dmap.dirty_run_end(chunk, limit)
 
 
-def copy_pass(source: FileBackend, mirror: Mirror, stats: DiskStats, progress: PassProgress,
+class OneAtATime:
+    """Runs carried one at a time, each finished before `start` returns: local to local
+    (copy_file_range) and load runs. The same calls as a Pipeline."""
+
+    def __init__(self, source: Backend, mirror: Mirror, load: bool):
+        self._source, self._mirror, self._load = source, mirror, load
+        self._done: list[RunResult] = []
+
+    def start(self, first: int, last: int) -> None:
+        try:
+            if self._load:
+                compared, copied = load_run(self._source, self._mirror, first, last)
+            else:
+                compared, copied = 0, copy_run(self._source, self._mirror, first, last)
+        except OSError as err:
+            self._done.append(RunResult(first, last, 0, 0, err))
+            return
+        self._done.append(RunResult(first, last, copied, compared, None))
+
+    def settled(self) -> list[RunResult]:
+        done, self._done = self._done, []
+        return done
+
+    drain = settled
+
+
+class PassTally:
+    """What a pass's settled runs add up to, and whether the pass goes on (see copy_pass)."""
+
+    def __init__(self, mirror: Mirror, stats: DiskStats, progress: PassProgress, deadline: float | None):
+        self.mirror, self.stats, self.progress = mirror, stats, progress
+        self.behind = WriteBehind(mirror.dest) if deadline is None else None
+        self.deadline = deadline
+        self.failures = 0
+        self.first_error: str | None = None
+        self.going = True
+
+    def add(self, results: Iterable[RunResult]) -> None:
+        shift = self.mirror.map.shift
+        for run in results:
+            if run.error is not None:
+                self._failed(run, run.error)
+                continue
+            self.failures = 0
+            self.progress.compared_bytes += run.compared
+            if self.behind is not None and run.copied:
+                try:
+                    self.behind.copied(run.first << shift, self.mirror.map.chunk_bytes(run.first, run.last))
+                except OSError as err:
+                    # Copied data may not have reached the destination, and the error names no
+                    # range (see the notes): as after a failed flush, the mirror is broken.
+                    self.stats.error("dest", "write_back")
+                    self.first_error = self.first_error or f"destination write-back: {err.strerror}"
+                    self.mirror.fail(f"destination write-back failed: {err.strerror}")
+                    self.going = False
+            self.progress.done_bytes += run.copied
+            self.stats.copied(self.progress.kind, run.copied)
+
+    def _failed(self, run: RunResult, err: OSError) -> None:
+        self.stats.error("dest", "copy")
+        self.failures += 1
+        self.first_error = self.first_error or f"copy at offset {run.first << self.mirror.map.shift}: {err.strerror}"
+        if err.errno == errno.ETIMEDOUT and self.deadline is None:
+            self.mirror.fail(f"destination stopped answering: {err.strerror}")
+        if self.failures >= MAX_CONSECUTIVE_ERRORS or self.deadline is not None or self.mirror.failed:
+            self.going = False
+
+
+def copy_pass(source: Backend, mirror: Mirror, stats: DiskStats, progress: PassProgress,
               should_stop: Callable[[], bool], rate: int = 0, deadline: float | None = None) -> None:
     """Walk the dirty map once.
 
     A failed run stays dirty for a later pass, and the pass goes on; when MAX_CONSECUTIVE_ERRORS
-    runs fail in a row (or any run fails under a deadline) the pass stops. Either way the first
-    error is in progress.error. Nothing is raised but DeadlineExceeded.
+    runs fail in a row (or any run fails under a deadline, or the mirror has failed) the pass
+    stops. Either way the first error is in progress.error. Nothing is raised but
+    DeadlineExceeded, and only once no run is in flight.
     """
-    failures = 0
-    first_error: str | None = None
-    # Under a deadline (the switchover's last copy, inside the stun) nothing waits on storage.
-    behind = WriteBehind(mirror.dest) if deadline is None else None
+    tally = PassTally(mirror, stats, progress, deadline)
+    runs: Pipeline | OneAtATime
+    if progress.kind != "load" and pipelined(source, mirror.dest):
+        runs = Pipeline(source, mirror, cap=deadline)
+    else:
+        runs = OneAtATime(source, mirror, load=progress.kind == "load")
     chunk = mirror.map.next_dirty(0) if mirror.map.dirty_count() else None
-    while chunk is not None and not should_stop():
-        if deadline is not None and time.monotonic() > deadline:
-            raise DeadlineExceeded(f"{mirror.map.dirty_bytes()} bytes still dirty at the deadline")
-        last = next_run(source, mirror, chunk)
-        try:
-            if progress.kind == "load":
-                compared, copied = load_run(source, mirror, chunk, last)
-                progress.compared_bytes += compared
-            else:
-                copied = copy_run(source, mirror, chunk, last)
-        except OSError as err:
-            stats.error("dest", "copy")
-            failures += 1
-            first_error = first_error or f"copy at offset {chunk << mirror.map.shift}: {err.strerror}"
-            if failures >= MAX_CONSECUTIVE_ERRORS or deadline is not None:
-                progress.error = first_error
-                return
+    try:
+        while chunk is not None and tally.going and not should_stop():
+            if mirror.failed:
+                tally.first_error = tally.first_error or f"mirror failed: {mirror.failed}"
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded(f"{mirror.map.dirty_bytes()} bytes still dirty at the deadline")
+            last = next_run(source, mirror, chunk)
+            runs.start(chunk, last)
+            tally.add(runs.settled())
+            if rate:
+                ahead = progress.done_bytes / rate - (time.monotonic() - progress.started)
+                if ahead > 0:
+                    tally.add(runs.drain())   # no run waits in flight, its chunks held, while we sleep
+                    time.sleep(min(ahead, 0.5))
             chunk = mirror.map.next_dirty(last + 1)
-            continue
-        failures = 0
-        if behind is not None and copied:
-            try:
-                behind.copied(chunk << mirror.map.shift, mirror.map.chunk_bytes(chunk, last))
-            except OSError as err:
-                # Copied data may not have reached the destination, and the error names no range
-                # (see the notes): as after a failed flush, the mirror is broken.
-                stats.error("dest", "write_back")
-                mirror.failed = mirror.failed or f"destination write-back failed: {err.strerror}"
-                progress.error = first_error or f"destination write-back: {err.strerror}"
-                return
-        progress.done_bytes += copied
-        stats.copied(progress.kind, copied)
-        if rate:
-            ahead = progress.done_bytes / rate - (time.monotonic() - progress.started)
-            if ahead > 0:
-                time.sleep(min(ahead, 0.5))
-        chunk = mirror.map.next_dirty(last + 1)
-    progress.error = first_error
+    finally:
+        tally.add(runs.drain())
+    progress.error = tally.first_error
 
 
 class CopyJob:
@@ -214,7 +274,7 @@ class CopyJob:
     Example: `job = CopyJob(disk.primary, disk.mirror, disk.stats, "bulk", rate=0); job.start()`
     """
 
-    def __init__(self, source: FileBackend, mirror: Mirror, stats: DiskStats, kind: str, rate: int):
+    def __init__(self, source: Backend, mirror: Mirror, stats: DiskStats, kind: str, rate: int):
         self.progress = PassProgress(kind, mirror.map.dirty_bytes())
         self._args = (source, mirror, stats)
         self._rate = rate

@@ -15,7 +15,11 @@ Design notes
   copier is stopped first; so a data request reads both references once and never sees a half
   state, without a lock on the hot path.
 - Errors: an OSError of the source is the guest's error (counted as source:op); destination
-  errors are the mirror's business and never reach the guest.
+  errors are the mirror's business and never reach the guest. That holds whatever the backends
+  are (backend.py): a disk served from an NBD export gives the guest that export's errors, and
+  ETIMEDOUT (as EIO) when it does not answer within `source-timeout`.
+- Where a disk lives: `path` is a file path or an NBD URI; `open_backend` picks the backend,
+  with the VM's NbdOptions (TLS material, deadlines) for a URI.
 - Rewritten since switchover: from the switchover until the next mirror install, `rewritten`
   (a DirtyMap at the mirror's granularity, all clean at first) records every chunk a guest update
   touched, marked BEFORE the update is issued. A verification (`digests`) reads a chunk and only
@@ -29,27 +33,30 @@ from __future__ import annotations
 import errno
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from .backend import FileBackend
+from .backend import Backend, open_backend
 from .copier import CopyJob
-from .digest import chunk_digests
 from .dirtymap import DirtyMap
 from .mirror import Mirror
 from .stats import DiskStats
 
 PASSTHROUGH, MIRRORING, SWITCHED, CLOSED = "passthrough", "mirroring", "switched", "closed"
 
-SideOp = Callable[[FileBackend], None]   # one guest update applied to one side
+SideOp = Callable[[Backend], None]   # one guest update applied to one side
+
+if TYPE_CHECKING:
+    from .backend_nbd import NbdOptions
 
 
 class Disk:
     """A disk served as one named export."""
 
-    def __init__(self, name: str, path: str):
+    def __init__(self, name: str, path: str, remote: NbdOptions | None = None):
         self.name = name
         self.path = path
-        self.primary: FileBackend | None = FileBackend(path)
+        self.remote = remote                       # how NBD URIs are reached (None: defaults)
+        self.primary: Backend | None = open_backend(path, remote)
         self.size = self.primary.size
         self.state = PASSTHROUGH
         self.mirror: Mirror | None = None
@@ -103,7 +110,7 @@ class Disk:
     def extents(self, count: int, offset: int) -> list[tuple[int, int, bool]]:
         return list(self._open().segments(offset, count))
 
-    def _open(self) -> FileBackend:
+    def _open(self) -> Backend:
         primary = self.primary
         if primary is None:  # only reachable if the gate let a request through a legacy close
             raise OSError(errno.ESHUTDOWN, f"disk {self.name} is closed")
@@ -129,18 +136,23 @@ class Disk:
     def reopen_source(self) -> None:
         """Undo a legacy close: back to PASSTHROUGH on the source."""
         if self.primary is None:
-            self.primary = FileBackend(self.path)
+            self.primary = open_backend(self.path, self.remote)
         self.state = PASSTHROUGH
 
     def install_mirror(self, dest_path: str, mode: str, granularity: int, pool: ThreadPoolExecutor) -> None:
-        """Open the destination and start mirroring; a closed disk is reopened with the mirror on."""
+        """Open the destination (a file path or an NBD URI) and start mirroring; a closed disk is
+        reopened with the mirror on."""
         assert self.state in (PASSTHROUGH, CLOSED) and self.mirror is None
-        dest = FileBackend(dest_path)
+        dest = open_backend(dest_path, self.remote, dest=True)
         if dest.size != self.size:
             dest.close()
             raise ValueError(f"destination {dest_path} has {dest.size} bytes, the disk has {self.size}")
         if self.primary is None:
-            self.primary = FileBackend(self.path)
+            try:
+                self.primary = open_backend(self.path, self.remote)
+            except OSError:
+                dest.close()
+                raise
         self.mirror = Mirror(dest, mode, granularity, self.size, pool, self.stats)
         self.rewritten = None
         self.state = MIRRORING
@@ -163,7 +175,9 @@ class Disk:
         if reopen:  # legacy: today's flow closes and reopens the disk at switchover
             dest.flush()
             dest.close()
-            dest = FileBackend(dest.path)
+            dest = open_backend(dest.path, self.remote)
+        else:
+            dest.become_primary()
         self.rewritten = DirtyMap(self.size, self.mirror.map.granularity, all_dirty=False)
         self.primary = dest
         self.path = dest.path
@@ -193,7 +207,7 @@ class Disk:
         """Digests of the disk as served, the chunks rewritten since the switchover, whether tracked.
 
         The caller keeps the disk's files from changing (the VM's control lock)."""
-        blob = chunk_digests(self._open(), offset, count, granularity)
+        blob = self._open().digests(offset, count, granularity)
         # Only now, after the read, the bits: see the module notes (rewritten since switchover).
         rewritten = self.rewritten
         if rewritten is None or not rewritten.dirty_count():

@@ -25,13 +25,19 @@ Design notes
 - Destination flush: done with every guest flush (invariant 6: data acknowledged on both sides
   is flushed on both). A failed destination flush means writes the destination acknowledged may
   be lost, so the mirror is marked failed and the migration must not switch over.
+- A destination that stops answering (a remote one past its request deadline: ETIMEDOUT, see
+  backend_nbd.py) fails the mirror too, and a failed mirror drops its destination: updates go
+  to the source alone and mark their chunks dirty, as in dirty mode (no copier runs any more,
+  so no chunk locks are needed), and flushes flush the source alone. The guest waits at most
+  one deadline, once, and sees no error; the migration fails at its next step.
 """
 from __future__ import annotations
 
+import errno
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
-from .backend import FileBackend
+from .backend import Backend
 from .chunklock import ChunkLocks
 from .dirtymap import DirtyMap
 from .stats import DiskStats
@@ -45,7 +51,7 @@ Op = Callable[[], None]
 class Mirror:
     """Mirror state of one disk; lives from install (under a stun) to switchover or abort."""
 
-    def __init__(self, dest: FileBackend, mode: str, granularity: int, size: int,
+    def __init__(self, dest: Backend, mode: str, granularity: int, size: int,
                  pool: ThreadPoolExecutor, stats: DiskStats):
         assert mode in MODES
         self.dest = dest
@@ -58,7 +64,7 @@ class Mirror:
 
     def update(self, op: str, source_op: Op, dest_op: Op, offset: int, count: int, fua: bool) -> None:
         """Apply one guest update (pwrite, zero, trim) through the mirror."""
-        if self.mode == "dirty":
+        if self.mode == "dirty" or self.failed is not None:
             source_op()
             self._mark_dirty(offset, count)
             return
@@ -74,6 +80,11 @@ class Mirror:
                 self._both_inline(op, source_op, dest_op, offset, count)
         finally:
             self.locks.release(held)
+
+    def fail(self, reason: str) -> None:
+        """The destination is unusable: drop it (see the module notes); the first reason is kept."""
+        if self.failed is None:
+            self.failed = reason
 
     def _both_parallel(self, op: str, source_op: Op, dest_op: Op, offset: int, count: int) -> None:
         target = self._pool.submit(dest_op)
@@ -94,14 +105,17 @@ class Mirror:
             raise
         try:
             dest_op()
-        except OSError:
-            self._stats.error("dest", op)
+        except OSError as err:
+            self._dest_failed(op, err)
             self._mark_dirty(offset, count)
             return
         self._stats.dest_written(count)
 
     def flush(self, source_flush: Op) -> None:
         """Flush both sides in parallel; only the source's error reaches the guest."""
+        if self.failed is not None:
+            source_flush()
+            return
         target = self._pool.submit(self.dest.flush)
         try:
             source_flush()
@@ -110,17 +124,23 @@ class Mirror:
                 target.result()
             except OSError as err:
                 self._stats.error("dest", "flush")
-                self.failed = f"destination flush failed: {err.strerror}"
+                self.fail(f"destination flush failed: {err.strerror}")
 
     def _settle(self, op: str, target: Future, count: int) -> bool:
         """Wait for the destination's half of an update; count its error instead of raising it."""
         try:
             target.result()
-        except OSError:
-            self._stats.error("dest", op)
+        except OSError as err:
+            self._dest_failed(op, err)
             return False
         self._stats.dest_written(count)
         return True
+
+    def _dest_failed(self, op: str, err: OSError) -> None:
+        """Count a destination error; one that says the destination stopped answering fails the mirror."""
+        self._stats.error("dest", op)
+        if err.errno == errno.ETIMEDOUT:
+            self.fail(f"destination stopped answering: {err.strerror}")
 
     def _mark_dirty(self, offset: int, count: int) -> None:
         newly = self.map.mark_range(offset, count)

@@ -30,7 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from .backend import FileBackend, write_back_in_slices
+from .backend import is_nbd_uri, location_problem
+from .backend_nbd import NbdOptions
 from .control import (Arg, Connection, RequestError, arguments, declared, file_path, one_of, power_of_two,
                       shown, takes, within)
 from .copier import COPY_KINDS, DeadlineExceeded, PassProgress, copy_pass
@@ -46,7 +47,14 @@ MAX_DIGEST_BYTES = 64 << 20      # one digest request reads at most this much, u
 MAX_DIGEST_CHUNKS = 1 << 16
 STUN_KINDS = ("mirror_install", "switchover", "abort", "other")
 STUN_ID = Arg(str)
-MIRROR_SPEC = {"dest": Arg(str, check=file_path), "mode": Arg(str, "sync", one_of(*MODES)),
+
+
+def disk_location(value: str) -> str | None:
+    """Check: a file path or an NBD URI (nbd://, nbds://, nbd+unix://, nbds+unix://)."""
+    return file_path(value) or location_problem(value)
+
+
+MIRROR_SPEC = {"dest": Arg(str, check=disk_location), "mode": Arg(str, "sync", one_of(*MODES)),
                "granularity": Arg(int, 65536, power_of_two(MIN_GRANULARITY, MAX_GRANULARITY))}
 
 
@@ -55,9 +63,9 @@ def _some_disks(specs: dict) -> str | None:
 
 
 def _disk_paths(paths: dict) -> str | None:
-    if all(isinstance(p, str) and file_path(p) is None for p in paths.values()):
+    if all(isinstance(p, str) and disk_location(p) is None for p in paths.values()):
         return None
-    return "must map disk names to file paths"
+    return "must map disk names to file paths or NBD URIs"
 
 
 @dataclass
@@ -86,13 +94,13 @@ class VM:
     """The disks of one VM and the operations on them."""
 
     def __init__(self, name: str, disks: list[tuple[str, str]], lease: float = 2.0,
-                 state_file: str | None = None):
+                 state_file: str | None = None, remote: NbdOptions | None = None):
         self.name = name
         self.lease = lease
         self.state_file = state_file   # the served-disks record (served.py); None: not kept
         self.disks: dict[str, Disk] = {}
         for disk_name, path in disks:
-            self.disks[disk_name] = Disk(disk_name, path)
+            self.disks[disk_name] = Disk(disk_name, path, remote)
         self.gate = StunGate()
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="mirror")
         self._control = threading.Lock()
@@ -200,7 +208,7 @@ class VM:
             if mirror is None:
                 continue
             try:
-                run_in_background(lambda: _write_back(mirror.dest), f"flush-dest-{disk.name}")
+                run_in_background(mirror.dest.write_back_all, f"flush-dest-{disk.name}")
             except OSError as err:
                 disk.stats.error("dest", "flush")
                 raise RequestError(f"flush_dest: disk {disk.name}: {err.strerror}") from None
@@ -274,21 +282,23 @@ class VM:
 
     @takes(paths=Arg(dict, {}, _disk_paths))
     def op_finish(self, req: dict, conn: Connection) -> dict:
-        # `paths` (optional, {disk: path}): the agent renamed the destination files after the
-        # switchover (DEST/x.raw.svmotion-partial -> DEST/x.raw); a legacy reopen must use the new name.
+        # `paths` (optional, {disk: path or URI}): the agent renamed the destination files after
+        # the switchover (DEST/x.raw.svmotion-partial -> DEST/x.raw, here or on the remote host);
+        # a legacy reopen, and a new connection to a remote disk, must use the new name.
         paths = req["paths"]
         with self._control:
             for name, path in paths.items():
                 disk = self.disks.get(name)
                 if disk is None:
                     raise RequestError(f"finish: unknown disk {shown(name)}; this VM has {', '.join(self.disks)}")
-                if disk.primary is None or not _same_file(disk.primary.fd, path):
-                    raise RequestError(f"finish: disk {name}: {shown(path)} is not the file the disk has open")
+                problem = "is not open" if disk.primary is None else disk.primary.check_renamed(path)
+                if problem is not None:
+                    raise RequestError(f"finish: disk {name}: {shown(path)} {problem}")
             for disk in self.disks.values():
                 if disk.state == SWITCHED:
                     disk.finish()
                 if disk.name in paths:
-                    disk.path = paths[disk.name]
+                    disk.path = disk.primary.path = paths[disk.name]
             self._record_served({d.name: d.path for d in self.disks.values()})
             return {"disks": [{"name": d.name, "path": d.path} for d in self.disks.values()]}
 
@@ -368,7 +378,7 @@ class VM:
         if not isinstance(spec, dict):
             raise RequestError(f"{where}: bad spec {shown(spec)}: must be an object {{\"dest\": PATH, ...}}")
         spec = arguments(spec, MIRROR_SPEC, where, keep=())
-        if os.path.realpath(spec["dest"]) == os.path.realpath(disk.path):
+        if _same_location(spec["dest"], disk.path):
             raise RequestError(f"{where}: the destination is the source itself")
         return disk, spec["dest"], spec["mode"], spec["granularity"]
 
@@ -429,13 +439,11 @@ class VM:
 OPS = [name[3:] for name in dir(VM) if name.startswith("op_")]
 
 
-def _same_file(fd: int, path: str) -> bool:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    own = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+def _same_location(a: str, b: str) -> bool:
+    """Whether two disk locations name the same disk, as far as their text tells (URIs as given)."""
+    if is_nbd_uri(a) or is_nbd_uri(b):
+        return a == b
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _reason(err: BaseException) -> str:
@@ -443,8 +451,3 @@ def _reason(err: BaseException) -> str:
         return f"{err.filename or ''} {err.strerror}".strip()
     return str(err)
 
-
-def _write_back(dest: FileBackend) -> None:
-    """Make everything written to a destination durable, slice by slice (see write_back_in_slices)."""
-    write_back_in_slices(dest.fd, dest.size)
-    dest.flush()

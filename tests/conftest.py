@@ -43,6 +43,8 @@ if str(ROOT) not in sys.path:
 from agent.jsonlines import JsonLinesClient  # noqa: E402
 from agent.writer import PATTERN, fill_pattern_image  # noqa: E402
 
+import nbdremote  # noqa: E402  (tests/, on sys.path as pytest's rootdir conftest)
+
 MiB = 1024 * 1024
 WRITE_PIECE = 64 * 1024
 READY_TIMEOUT_S = 20.0
@@ -232,16 +234,19 @@ class MirrorNode:
 PLUGIN_ROOT = Path(os.environ.get("SVMOTION_PLUGIN_ROOT", ROOT))
 
 
-def mirror_node_command(vm: str, sock: Path, control: Path, disks: dict[str, Path],
-                        lease: float | None) -> list[str]:
-    """The command line of docs/interfaces.md section 1 (plus --exit-with-parent for tests)."""
+def mirror_node_command(vm: str, sock: Path, control: Path, disks: dict[str, Path | str],
+                        lease: float | None, extra: tuple[str, ...] = ()) -> list[str]:
+    """The command line of docs/interfaces.md section 1 (plus --exit-with-parent for tests).
+
+    A disk is a file path or an NBD URI; `extra` are further plugin parameters (tls-certificates=...).
+    """
     cmd = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", str(sock), "--threads", "16",
            "python", str(PLUGIN_ROOT / "nbd_plugin" / "plugin.py"), f"vm={vm}"]
     cmd += [f"disk={name}:{path}" for name, path in disks.items()]
     cmd.append(f"control={control}")
     if lease is not None:
         cmd.append(f"lease={lease}")
-    return cmd
+    return cmd + list(extra)
 
 
 @pytest.fixture
@@ -252,12 +257,13 @@ def start_mirror_node(tmp_path: Path, sock_dir: Path, processes: Processes) -> I
     """
     nodes: list[MirrorNode] = []
 
-    def start(disks: dict[str, Path], *, vm: str = "vm1", lease: float | None = None) -> MirrorNode:
+    def start(disks: dict[str, Path | str], *, vm: str = "vm1", lease: float | None = None,
+              extra: tuple[str, ...] = ()) -> MirrorNode:
         n = len(nodes)
         sock, control = sock_dir / f"{vm}-{n}.nbd", sock_dir / f"{vm}-{n}.ctl"
         log = tmp_path / f"nbdkit-{vm}-{n}.log"
         env = dict(os.environ, PYTHONPATH=str(PLUGIN_ROOT))
-        proc = processes.spawn(mirror_node_command(vm, sock, control, disks, lease), log=log, env=env)
+        proc = processes.spawn(mirror_node_command(vm, sock, control, disks, lease, extra), log=log, env=env)
         wait_until(lambda: socket_answers(sock) and socket_answers(control), READY_TIMEOUT_S,
                    f"mirror node {vm} on {sock} and {control}", proc, log)
         node = MirrorNode(vm, proc, sock, control, dict(disks), log, lease if lease is not None else 2.0)
@@ -309,6 +315,45 @@ def start_file_server(sock_dir: Path, tmp_path: Path, processes: Processes) -> C
                                 "--threads", "16", "file", f"file={image}", *extra], log=log)
         wait_until(lambda: socket_answers(sock), READY_TIMEOUT_S, f"nbdkit file on {sock}", proc, log)
         return f"nbd+unix:///?socket={sock}"
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> "nbdremote.Pki":
+    """X.509 (a CA, server and client certificates, another CA's client) and a PSK file: tests/nbdremote.py."""
+    return nbdremote.make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def start_nbd_server(sock_dir: Path, tmp_path: Path, processes: Processes,
+                     pki: "nbdremote.Pki") -> Callable[..., "nbdremote.NbdServer"]:
+    """Factory: nbdkit's `file` plugin on an image (or `memory` of a size) as a remote disk.
+
+    `transport` "unix" or "tcp" (127.0.0.1); `tls` None, "x509" (client certificate verified) or
+    "psk". Example: `server = start_nbd_server(img, transport="tcp", tls="x509"); server.uri`
+    """
+    count = [0]
+
+    def start(image: Path | None = None, *, memory: int | None = None, transport: str = "unix",
+              tls: str | None = None, filters: tuple[str, ...] = ()) -> nbdremote.NbdServer:
+        # `filters`: e.g. ("--filter=delay", "wdelay=100ms"): options before the plugin, parameters after.
+        plugin = [f for f in filters if f.startswith("--")]
+        plugin += ["file", f"file={image}"] if image is not None else ["memory", f"size={memory}"]
+        plugin += [f for f in filters if not f.startswith("--")]
+        while True:
+            count[0] += 1
+            log = tmp_path / f"nbdkit-remote-{count[0]}.log"
+            if transport == "unix":
+                where: Path | int = sock_dir / f"remote-{count[0]}.nbd"
+                listen, ready = ["--unix", str(where)], (lambda w=where: socket_answers(w))
+            else:
+                where = nbdremote.free_port()
+                listen, ready = ["-i", "127.0.0.1", "-p", str(where)], (lambda w=where: nbdremote.tcp_answers(w))
+            proc = processes.spawn(nbdremote.server_command(plugin, listen=listen, tls=tls, pki=pki), log=log)
+            if nbdremote.wait_ready(proc, ready, log):
+                return nbdremote.NbdServer(proc, nbdremote.uri_for(transport, tls, where), log, image)
+            assert transport == "tcp", f"nbdkit exited:\n{log.read_text(errors='replace')[-2000:]}"
 
     return start
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -84,3 +85,48 @@ def test_a_guest_write_into_a_chunk_being_copied_waits_and_is_not_overwritten(
         pool.shutdown()
         source.close()
         dest.close()
+
+
+def test_a_copier_run_waiting_for_its_chunks_is_not_overtaken_by_later_guest_writes() -> None:
+    """First come, first served among overlapping ops (chunklock.py): while a copier run waits for a
+    guest write inside its range, a later guest write into another chunk of that range waits behind
+    the run, although its own chunk is free. Else a stream of guest writes starves the copier."""
+    from nbd_plugin.chunklock import ChunkLocks
+
+    locks = ChunkLocks()
+    first_write = locks.acquire(1, 1)                   # a guest write in flight in chunk 1
+    order: list[str] = []
+    run_waiting = threading.Event()
+
+    def copier() -> None:
+        run_waiting.set()
+        held = locks.acquire(0, 3)                      # a run over chunks 0..3: waits for chunk 1
+        order.append("run")
+        locks.release(held)
+
+    def later_write() -> None:
+        held = locks.acquire(2, 2)                      # free now, but the run came first
+        order.append("write")
+        locks.release(held)
+
+    threads = [threading.Thread(target=copier), threading.Thread(target=later_write)]
+    try:
+        threads[0].start()
+        assert run_waiting.wait(5)
+        deadline = time.monotonic() + 5
+        while (probe := locks.try_acquire(2, 2)) is not None:   # until the run has its place in line
+            locks.release(probe)
+            assert time.monotonic() < deadline, "chunk 2 is still handed out while a run waits for it"
+            time.sleep(0.005)
+        assert locks.try_acquire(5, 5) is not None      # chunks nobody waits for are not held back
+        threads[1].start()
+        threads[1].join(0.3)
+        assert order == [], f"{order}: a later write went ahead of the waiting run"
+        locks.release(first_write)
+        for t in threads:
+            t.join(5)
+        assert order == ["run", "write"], order
+    finally:
+        for t in threads:
+            if t.ident is not None:
+                t.join(5)
