@@ -235,12 +235,12 @@ PLUGIN_ROOT = Path(os.environ.get("SVMOTION_PLUGIN_ROOT", ROOT))
 
 
 def mirror_node_command(vm: str, sock: Path, control: Path, disks: dict[str, Path | str],
-                        lease: float | None, extra: tuple[str, ...] = ()) -> list[str]:
+                        lease: float | None, extra: tuple[str, ...] = (), threads: int = 16) -> list[str]:
     """The command line of docs/interfaces.md section 1 (plus --exit-with-parent for tests).
 
     A disk is a file path or an NBD URI; `extra` are further plugin parameters (tls-certificates=...).
     """
-    cmd = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", str(sock), "--threads", "16",
+    cmd = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", str(sock), "--threads", str(threads),
            "python", str(PLUGIN_ROOT / "nbd_plugin" / "plugin.py"), f"vm={vm}"]
     cmd += [f"disk={name}:{path}" for name, path in disks.items()]
     cmd.append(f"control={control}")
@@ -254,16 +254,18 @@ def start_mirror_node(tmp_path: Path, sock_dir: Path, processes: Processes) -> I
     """Factory: start the mirror node for given disks; stops it (by PID) at teardown.
 
     Example: `node = start_mirror_node({"disk0": img}, lease=0.5); node.client().call("hello")`
+    (`threads=1`: nbdkit serves each connection's requests on its connection thread.)
     """
     nodes: list[MirrorNode] = []
 
     def start(disks: dict[str, Path | str], *, vm: str = "vm1", lease: float | None = None,
-              extra: tuple[str, ...] = ()) -> MirrorNode:
+              extra: tuple[str, ...] = (), threads: int = 16) -> MirrorNode:
         n = len(nodes)
         sock, control = sock_dir / f"{vm}-{n}.nbd", sock_dir / f"{vm}-{n}.ctl"
         log = tmp_path / f"nbdkit-{vm}-{n}.log"
         env = dict(os.environ, PYTHONPATH=str(PLUGIN_ROOT))
-        proc = processes.spawn(mirror_node_command(vm, sock, control, disks, lease, extra), log=log, env=env)
+        proc = processes.spawn(mirror_node_command(vm, sock, control, disks, lease, extra, threads),
+                               log=log, env=env)
         wait_until(lambda: socket_answers(sock) and socket_answers(control), READY_TIMEOUT_S,
                    f"mirror node {vm} on {sock} and {control}", proc, log)
         node = MirrorNode(vm, proc, sock, control, dict(disks), log, lease if lease is not None else 2.0)
