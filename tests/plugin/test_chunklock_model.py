@@ -6,11 +6,11 @@ requests. After each step the test waits until the real locks have *settled*: ev
 either holds its range or sits in `wait()` (the locks' own count of waiters says so), and the
 held ranges are exactly the model's. Nothing is judged by a sleep, so a pass is never luck:
 - a request whose range overlaps a held one must be waiting (never two overlapping holders);
-- a request whose range overlaps nothing held must get it (no needless wait, no lost wake-up:
-  after a release, every blocked request that no longer overlaps anything must go on).
-Blocked requests never overlap each other here: which of two would win a release is the
-scheduler's choice, and Hypothesis needs every run of a case to take the same path. One release
-still wakes several waiters at once, each of which must then go on.
+- first come, first served: a request whose range overlaps one held, or one waiting ahead of it
+  in line, waits; any other request gets its range at once (no needless wait, no lost wake-up:
+  after a release, every waiting request that no longer overlaps anything held or ahead of it
+  must go on). The line makes the outcome of every step deterministic, as Hypothesis needs; one
+  release may still wake several waiters at once, each of which must then go on.
 """
 from __future__ import annotations
 
@@ -72,30 +72,40 @@ class ChunkLocksMachine(RuleBasedStateMachine):
                 self.blocked.remove(request)
                 self.held.append(request)
             with self.locks._cond:
-                real, waiting = sorted(self.locks._held), self.locks._waiting
+                real, waiting = sorted(self.locks._held), len(self.locks._line)
             model = sorted(r.range for r in self.held)
-            free = [r.range for r in self.blocked if not any(overlaps(r.range, h) for h in model)]
-            if real == model and waiting == len(self.blocked) and not free:
+            due = self.due()
+            if real == model and waiting == len(self.blocked) and not due:
                 return
             assert time.monotonic() < deadline, (
                 f"not settled after {SETTLE_S} s: held {real} (model {model}), {waiting} waiting, "
-                f"blocked {[r.range for r in self.blocked]}, of which overlap nothing held: {free}")
+                f"blocked {[r.range for r in self.blocked]}, of which due to go on: {due}")
             time.sleep(0.0005)
+
+    def due(self) -> list[tuple[int, int]]:
+        """The blocked requests that must go on now: nothing held or ahead in line overlaps them."""
+        held = [r.range for r in self.held]
+        ahead: list[tuple[int, int]] = []
+        due = []
+        for request in self.blocked:      # in arrival order, as the line is
+            if not any(overlaps(request.range, other) for other in held + ahead):
+                due.append(request.range)
+            ahead.append(request.range)
+        return due
 
     @precondition(lambda self: len(self.blocked) < MAX_BLOCKED)
     @rule(first=st.integers(0, CHUNKS - 1), length=st.integers(1, 4))
     def request(self, first: int, length: int) -> None:
         wanted = (first, min(first + length - 1, CHUNKS - 1))
-        busy = any(overlaps(wanted, r.range) for r in self.held)
-        if busy and any(overlaps(wanted, r.range) for r in self.blocked):
-            return  # two waiters for the same chunks: the scheduler picks the winner, not the model
+        busy = any(overlaps(wanted, r.range) for r in self.held + self.blocked)
         request = Request(self.locks, *wanted)
         self.blocked.append(request)
         self.settle()
         if busy:
             assert request in self.blocked, f"{wanted} was granted while {self.held_ranges()} were held"
         else:
-            assert request in self.held, f"{wanted} overlaps nothing held ({self.held_ranges()}) but waited"
+            assert request in self.held, (f"{wanted} overlaps nothing held ({self.held_ranges()}) or waiting "
+                                          f"but waited")
 
     @precondition(lambda self: bool(self.held))
     @rule(data=st.data())
