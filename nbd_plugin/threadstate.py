@@ -22,6 +22,11 @@ Design notes
   requests on the connection thread itself, the one that runs `.close`: that state is still
   current, so it is unpinned with the matching PyGILState_Release instead, and nbdkit's own
   Release at the end of `close` deletes it.
+- Nothing else still points at a joined thread's state in a way that matters (CPython 3.11,
+  pystate.c and ceval_gil.h): its autoTSSkey slot went with the thread (glibc clears a thread's
+  keys when it exits, and a reused pthread descriptor starts with none); the runtime's current
+  state is NULL, since the thread gave up the GIL at the end of its last callback; and
+  `gil->last_holder` is only ever compared with other states, never dereferenced.
 - Never by thread liveness. The first version reaped, in any connection's `close`, the states
   of threads whose tid had left /proc/self/task. The listing and the dict were read at two
   moments with the GIL released in between (os.listdir), so a thread started after the listing
