@@ -120,6 +120,8 @@ def test_nbdkit_killed_mid_copy_then_the_next_migration_copies_only_what_differs
     assert load["kind"] == "load" and load["compared_bytes"] == SIZE, load
     # The restarted nbdkit has copied for this migration only: load, dirty passes, switchover.
     copied = sum(vm.plugin("status")["disks"]["disk0"]["copied_bytes"].values())
+    print(f"DiskLoad after an nbdkit kill: copied {copied / MiB:.1f} MiB where {differ / MiB:.1f} MiB differed "
+          f"(bound {(differ + SIZE // 20) / MiB:.1f} MiB; a full copy {SIZE / MiB:.0f} MiB)")
     assert copied <= differ + SIZE // 20, f"copied {copied} bytes, {differ} differed"
     assert copied >= differ * 0.9, f"copied {copied} bytes but {differ} differed: were they all compared?"
     assert sorted(p.name for p in dest_dir.iterdir()) == ["disk0.ctk", "disk0.raw", "vm1.nvram"]
