@@ -65,7 +65,8 @@ from agent.config import VmConfig
 from agent.errors import Refused, SvmotionError
 from agent.files import FileMirror, FileSync, FileUnstable
 from agent.jsonlines import JsonLinesClient, RemoteError
-from agent.plan import DiskPlan, MigrationOptions, human_bytes, partial_name, plan_migration
+from agent.plan import (DiskPlan, MigrationOptions, free_bytes, growth_room_needed, human_bytes, partial_name,
+                        plan_migration)
 from agent.supervisor import process_start_time
 from agent.verify import VerifyError, verify_disks
 
@@ -740,6 +741,7 @@ class Migration:
         """The switchover stun; False when the plugin could not finish inside the lease or a file kept
         changing under it (nothing changed)."""
         self._checkpoint()
+        self._refuse_a_full_destination()
         self._sync_files("files_resync")      # outside the stun, so that the cut has little to copy
         reply = self._call("stun", lease=self.vm.lease, kind="switchover")
         self._stun_id, self._stun_t0 = reply["stun_id"], time.monotonic()
@@ -767,6 +769,16 @@ class Migration:
         self._journal()
         self._inject_at("CopyDirtyData.released")
         return True
+
+    def _refuse_a_full_destination(self) -> None:
+        """No switchover onto a destination without room for the disks to grow (plan.py)."""
+        need = growth_room_needed([(d.partial, d.size) for d in self.plan])
+        free = free_bytes(self.options.dest)
+        if free < need:
+            raise MigrationFailed(f"destination {self.options.dest!r} has {human_bytes(free)} free, too little "
+                                  f"for the disks to grow after the switchover (the guest's next writes into "
+                                  f"unallocated space would fail there; {human_bytes(need)} needed); free space "
+                                  f"there or choose another --dest")
 
     def _remember(self, status: dict[str, Any]) -> None:
         with self._samples_lock:

@@ -91,14 +91,34 @@ class NbdServer:
     image: Path | None     # the file behind the export (None for memory)
 
     def freeze(self) -> None:
-        """SIGSTOP: the connections stay open and nothing answers, as on a dead link."""
+        """SIGSTOP: the connections stay open and nothing answers, as on a dead link.
+
+        Returns once every thread of the server is stopped: the signal is delivered asynchronously,
+        and on a busy machine a request sent right after kill() could otherwise still be served."""
         os.kill(self.proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while not all_threads_stopped(self.proc.pid):
+            assert time.monotonic() < deadline, f"nbdkit pid {self.proc.pid} did not stop"
+            time.sleep(0.001)
 
     def thaw(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)
 
     def log_tail(self, n: int = 2000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+
+def all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of `pid` is in the stopped state (T) as /proc reports it."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except FileNotFoundError:
+            continue                      # a thread that exited meanwhile
+        if stat[stat.rindex(")") + 2] not in "Tt":
+            return False
+    return True
 
 
 def free_port() -> int:

@@ -176,3 +176,21 @@ def test_destination_fills_up(agent_vm, small_tmpfs) -> None:
     assert vm.status()["last"]["warnings"] == []
     assert_on_intact_source(vm, writer, report)
     assert dest_files(dest) == ["filler"]
+
+
+def test_no_switchover_onto_a_destination_without_room_to_grow(agent_vm, small_tmpfs) -> None:
+    """The fault campaign (seed 237986542): a destination filled up during the migration, the data
+    still fit, the switchover went ahead, and the guest's next writes into its sparse disk's holes
+    failed there with ENOSPC. Now the migration fails before the switchover, on the intact source."""
+    vm = agent_vm(n_disks=1, size=32 * MiB)           # sparse: about 7 MiB of data
+    dest = small_tmpfs(12 * MiB)                      # the copy fits; 25 MiB of holes could not grow
+    writer = vm.writer()
+    writer.start()
+    try:
+        done = vm.cli("migrate", vm.name, "--dest", str(dest))
+    finally:
+        report = writer.stop()
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert "too little for the disks to grow" in done.stderr, done.stderr
+    assert_on_intact_source(vm, writer, report)
+    assert dest_files(dest) == []
