@@ -72,8 +72,12 @@ def test_a_failing_destination_write_back_fails_the_copy_and_spares_the_guest(
     disks = {"disk0": testlib.make_dense_image(src / "disk0.raw", DISK)}
     node = start_mirror_node(disks)
     ctl = node.client()
+    # No flush and no FUA from the guest: those sync the destination too (the mirror sends them
+    # there), and whichever sync comes first is the one the kernel tells about the failed
+    # write-back. Without them only the copier can see it, which is the path under test; the guest
+    # flush's path (a failed destination flush breaks the mirror) is mirror.py's own.
     writer = VerifyingWriter(node.uris(), initial={"disk0": PATTERN}, connections=2, queue_depth=4,
-                             rate=4 * MiB, seed=11)
+                             rate=4 * MiB, seed=11, fua_ratio=0.0, flush_ratio=0.0)
     writer.start()
     try:
         stun_id = ctl.call("stun", kind="mirror_install")["stun_id"]
