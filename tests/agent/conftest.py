@@ -1,82 +1,24 @@
 """Fixtures for agent tests: a VM on disk, a real agent process (which starts a real nbdkit), the CLI.
 
-Design notes
-- The agent process itself (config, start, API, CLI, stop by PID) is tests/agentproc.py's, shared
-  with the kernel and live metrics tests; this file adds the VM on disk around it.
-- Disks are sparse: pattern data in a few extents, holes elsewhere; a pristine copy is the
-  writer's `initial` model, so a verification covers holes and data alike. Every disk has one
-  sidecar and the VM one per-VM file (an nvram), so FileCreate and the sidecar copy have work.
+The agent process itself (config, start, API, CLI, stop by PID) is tests/agentproc.py's, shared
+with the kernel and live metrics tests; the VM on disk around it is tests/vmlib.py's.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import pytest
-from agentproc import AgentPool, AgentProcess
-
-from agent.writer import VerifyingWriter, fill_pattern_image
-
-MiB = 1024 * 1024
-
-
-@dataclass
-class AgentVM(AgentProcess):
-    """A VM described by a config file, and the agent process serving it."""
-
-    pristine: dict[str, Path] = field(default_factory=dict)   # disk -> untouched copy of the source
-
-    def writer(self, **kwargs: Any) -> VerifyingWriter:
-        """A verifying writer on every disk, its model starting from the pristine copies."""
-        opts: dict[str, Any] = dict(connections=2, queue_depth=4, rate=2 * MiB, seed=1234,
-                                    initial={d: str(p) for d, p in self.pristine.items()})
-        opts.update(kwargs)
-        return VerifyingWriter({d: self.uri(d) for d in self.disks}, **opts)
-
-
-def make_disk(path: Path, name: str, size: int) -> None:
-    """A sparse disk: pattern data in the first eighth and in a few extents further on."""
-    step = size // 8
-    extents = [(0, step), (3 * step, step // 2), (6 * step + step // 2, step // 4)]
-    fill_pattern_image(path, name, size, extents)
+from agentproc import AgentPool
+from vmlib import AgentVM, make_vm
 
 
 @pytest.fixture
 def agent_vm(tmp_path: Path) -> Iterator[Callable[..., AgentVM]]:
     """Factory: `agent_vm(n_disks=1, size=32*MiB, start=True, inject=None)` -> AgentVM; all stopped after."""
     pool = AgentPool()
-
-    def make(n_disks: int = 1, size: int = 32 * MiB, start: bool = True, inject: str | None = None,
-             lease: float | None = None, listen: str | None = None) -> AgentVM:
-        n = len(pool.agents)
-        src = tmp_path / f"src{n}"
-        src.mkdir()
-        state = pool.state_dir("sva-")
-        disks, pristine, sidecars = {}, {}, {}
-        for i in range(n_disks):
-            name = f"disk{i}"
-            disks[name] = src / f"{name}.raw"
-            make_disk(disks[name], name, size)
-            pristine[name] = tmp_path / f"pristine{n}-{name}.raw"
-            subprocess.run(["cp", "--sparse=always", str(disks[name]), str(pristine[name])], check=True)
-            sidecar = src / f"{name}.ctk"
-            sidecar.write_bytes(os.urandom(4096))
-            sidecars[name] = [sidecar]
-        nvram = src / "vm1.nvram"
-        nvram.write_bytes(os.urandom(8192))
-        vm = AgentVM(root=tmp_path, state=state, disks=disks, name="vm1", config=tmp_path / f"agent{n}.toml",
-                     sidecars=sidecars, files=[nvram], lease=lease or None, listen=listen, pristine=pristine)
-        vm.write_config()
-        pool.add(vm)
-        if start:
-            vm.start(inject)
-        return vm
-
     try:
-        yield make
+        yield lambda **kwargs: make_vm(pool, tmp_path, **kwargs)
     finally:
         pool.close()
 
