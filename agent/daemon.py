@@ -46,18 +46,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, metrics, partial
+from agent import __version__, metrics
 from agent.config import AgentConfig, VmConfig
 from agent.datastore import DatastoreService
+from agent.destdir import DestDir, open_destdir, remove_created
 from agent.export import DatastoreExport
 from agent.errors import EXIT_INTERNAL, EXIT_USAGE, ConfigError, Refused, SvmotionError
 from agent.jsonlines import JsonLinesClient, RemoteError
 from agent.phases import PHASES, Injection, Migration
-from agent.plan import OPTION_ARGS, PARTIAL_SUFFIX, MigrationOptions
+from agent.plan import OPTION_ARGS, PARTIAL_SUFFIX, MigrationOptions, parse_destination
 from agent.statefiles import private_dir
 from agent.supervisor import Nbdkit
 from agent.tls import TlsListener, certificates_dir, server_context, split_address
 from agent.verify import VerifyError, verify_disks
+from nbd_plugin.backend import is_nbd_uri
+from nbd_plugin.backend_nbd import NbdOptions
 from nbd_plugin.control import (Arg, ArgumentError, Connection, ControlServer, RequestError, arguments,
                                 declared, file_path, power_of_two, shown, takes)
 from nbd_plugin.dirtymap import MAX_GRANULARITY, MIN_GRANULARITY
@@ -90,7 +93,9 @@ class Agent:
 
     def __init__(self, config: AgentConfig):
         self.config = config
-        self.nodes = {vm.name: Nbdkit(vm, config.state_dir) for vm in config.vms}
+        tls_dir = certificates_dir(config.tls, config.state_dir) if config.tls is not None else None
+        self.nodes = {vm.name: Nbdkit(vm, config.state_dir, tls_dir) for vm in config.vms}
+        self._nbd = NbdOptions(tls_certificates=tls_dir)      # the agent's own reads of remote disks
         # This lock protects migrations, last, paths and verifying.
         self._lock = threading.Lock()
         self.migrations: dict[str, Migration] = {}
@@ -218,7 +223,7 @@ class Agent:
         if served is not None:
             paths = {**paths, "disks": served}
         for name, path in paths["disks"].items():
-            if not os.path.isfile(path):
+            if not is_nbd_uri(path) and not os.path.isfile(path):
                 raise ConfigError(f"{self.config.source}: disk {name!r} of VM {vm.name!r}: {path!r} does not "
                                   f"exist; create the raw image (truncate -s SIZE FILE) or fix its path")
         return paths
@@ -228,7 +233,7 @@ class Agent:
         record = read_record(self.nodes[vm.name].served_file)
         if record is None or record.get("vm") != vm.name or set(record["disks"]) != {d.name for d in vm.disks}:
             return None
-        return {name: resolve_renamed(path) for name, path in record["disks"].items()}
+        return {name: path if is_nbd_uri(path) else resolve_renamed(path) for name, path in record["disks"].items()}
 
     def _state(self, vm: str, suffix: str) -> str:
         return os.path.join(self.config.state_dir, f"{vm}.{suffix}")
@@ -258,8 +263,8 @@ class Agent:
         log.warning("vm %s: resuming migration %s at %s (the agent stopped in %s)", vm.name,
                     journal["id"], resume_at, journal["phase"])
         migration = Migration.from_journal(vm, lambda: self.nodes[vm.name].client(timeout=60.0), journal,
-                                           resume_at, on_done=self._migration_done, injection=self._injection,
-                                           save_journal=self._journal_writer(vm))
+                                           resume_at, self._destdir(journal["options"]["dest"]), on_done=self._migration_done, injection=self._injection,
+                                           save_journal=self._journal_writer(vm), nbd=self._nbd)
         with self._lock:
             self.migrations[vm.name] = migration
         migration.start()
@@ -310,16 +315,18 @@ class Agent:
                     c.call("abort")
         except (OSError, ValueError, RemoteError) as err:
             log.error("vm %s: cannot roll back the interrupted migration: %s", vm.name, err)
-        created = journal.get("created", [])
+        created = [p for p in journal.get("created", []) if p.endswith(PARTIAL_SUFFIX)]
         # As the job's own rollback decides (phases.py _roll_back): a dead node's partial disks
         # stay for the next migration's DiskLoad; everything else goes.
-        kept = partial.kept_after_failure(created, mirror_node_died=node_died)
-        for path in created:
-            if path.endswith(PARTIAL_SUFFIX) and path not in kept:
-                partial.discard(path)
+        dest = self._destdir(journal["options"]["dest"])
+        try:
+            removal = remove_created(dest, created, mirror_node_died=node_died)
+        finally:
+            dest.close()
         record = {"id": journal.get("id"), "vm": vm.name, "state": "failed", "phase": "Cleanup",
                   "error": f"interrupted: the agent stopped during the migration and {why}",
-                  "warnings": ["recovered by a restarted agent"], "kept_partials": sorted(kept)}
+                  "warnings": ["recovered by a restarted agent", *removal.errors],
+                  "kept_partials": sorted(removal.kept), "left_partials": sorted(removal.left)}
         self._remember_last(vm.name, record)
         os.unlink(self._state(vm.name, "migration.json"))
 
@@ -428,9 +435,13 @@ class Agent:
         with node.client(timeout=10.0) as c:
             hello = c.call("hello")
         migration = Migration(vm, lambda: node.client(timeout=60.0), paths, options,
-                              on_done=self._migration_done, injection=self._injection,
-                              save_journal=self._journal_writer(vm))
-        migration.validate(hello)
+                              self._destdir(options.dest), on_done=self._migration_done, injection=self._injection,
+                              save_journal=self._journal_writer(vm), nbd=self._nbd)
+        try:
+            migration.validate(hello)
+        except BaseException:
+            migration.dest.close()
+            raise
         with self._lock:
             current = self.migrations.get(vm.name)
             if current is not None and not current.finished:
@@ -443,6 +454,10 @@ class Agent:
         log.info("vm %s: migration %s to %s started (%s, mirror %s)", vm.name, migration.id,
                  options.dest, options.strategy, options.mirror)
         return {"migration": migration.to_dict(samples=False)}
+
+    def _destdir(self, dest: str) -> DestDir:
+        """A migration's destination directory, here or at another host (agent/destdir.py)."""
+        return open_destdir(parse_destination(dest), self.config.tls, self.config.state_dir)
 
     def _migration_done(self, migration: Migration) -> None:
         name = migration.vm.name

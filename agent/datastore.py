@@ -445,6 +445,23 @@ class DatastoreService:
                 backend.close()
         return {"digests": blob.hex(), "size": size, "count": count}
 
+    @takes(dir=PATH, names=Arg(list, [], _plain_names))
+    def op_ds_stat(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The free space of `dir`, and of each of `names` that exists there: type, size, allocated
+        bytes, whether an identity record is beside it (the switchover's room check, resumes)."""
+        files = {}
+        with self.directory(request["dir"]) as where:
+            for name in request["names"]:
+                try:
+                    st = os.stat(name, dir_fd=where.dir_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                files[name] = {"regular": stat.S_ISREG(st.st_mode), "size": st.st_size,
+                               "allocated": st.st_blocks * 512,
+                               "identity": _is_regular(identity_path(name), where.dir_fd)}
+            st = os.statvfs(where.dir_fd)
+        return {"free_bytes": st.f_bavail * st.f_frsize, "files": files}
+
     @takes(path=PATH)
     def op_ds_fsync(self, request: dict[str, Any]) -> dict[str, Any]:
         """Make a file, or a directory's entries, durable."""

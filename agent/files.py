@@ -38,6 +38,8 @@ Design notes
   opens them at their new place afterwards. A writer that goes on writing a source file through
   the stun loses what it writes after the cut, as it would writing a source disk after
   switchover: nothing here can hold it.
+- Where copies go: `writer` opens a partial for writing, in this host's file system by default,
+  or at another host's datastore (agent/destdir.py).
 - Durability: copies are not fsynced here (the cut must stay short); the engine fsyncs the
   partials at DiskCopyDone, outside any stun, before renaming them.
 - One migration thread owns a FileMirror; it has no lock.
@@ -51,6 +53,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from agent.destdir import FileWriter, local_file_writer
 from agent.errors import EXIT_FAILED, SvmotionError
 from agent.plan import partial_name
 
@@ -148,9 +151,11 @@ class FileMirror:
     """
 
     def __init__(self, files: Iterable[tuple[str, str, str]],
-                 after_read: Callable[[str], None] | None = None):
+                 after_read: Callable[[str], None] | None = None,
+                 writer: Callable[[str], FileWriter] = local_file_writer):
         self._files = {source: MirroredFile(source, final, what) for source, final, what in files}
         self._after_read = after_read
+        self._writer = writer
 
     def partials(self, sources: Iterable[str] | None = None, copied: bool = False) -> list[str]:
         """The partial destination paths of `sources` (default: all); `copied`: only those copied."""
@@ -193,15 +198,13 @@ class FileMirror:
     def _copy(self, f: MirroredFile) -> tuple[int, bool]:
         """Copy until a copy is stable, at most COPY_ATTEMPTS times: (copies made, stable)."""
         for attempt in range(1, COPY_ATTEMPTS + 1):
-            # Overwritten in place, then cut to size: ext4 starts writeback when a file truncated to
-            # zero is closed (auto_da_alloc), which cost ms under the stun.
-            fd = os.open(f.partial, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            sink = self._writer(f.partial)
             try:
-                read = self._read(f, fd)
-                os.ftruncate(fd, read.length)
-                os.fchmod(fd, stat.S_IMODE(read.mode))
-            finally:
-                os.close(fd)
+                read = self._read(f, sink)
+            except BaseException:
+                sink.abandon()
+                raise
+            sink.finish(read.length, stat.S_IMODE(read.mode))
             f.version = Version(read.before, read.length, read.sha256, read.started_ns)
             if read.stable and (read.before[2] > CONTENT_CHECK_BYTES or self._same(f, self._read(f))):
                 return attempt, True
@@ -213,7 +216,7 @@ class FileMirror:
         assert f.version is not None
         return read.stable and read.before == f.version.identity and read.sha256 == f.version.sha256
 
-    def _read(self, f: MirroredFile, sink: int | None = None) -> _Read:
+    def _read(self, f: MirroredFile, sink: FileWriter | None = None) -> _Read:
         """Read the source (into `sink` if given), digesting it; identities around the read."""
         started = time.time_ns()
         # O_NONBLOCK: a FIFO put in the file's place must not hang the migration.
@@ -228,7 +231,7 @@ class FileMirror:
                 digest.update(data)
                 length += len(data)
                 if sink is not None:
-                    _write_all(sink, data)       # a destination error propagates as it is
+                    sink.write(data)             # a destination error propagates as it is
             if self._after_read is not None:
                 self._after_read(f.source)
             after = self._on_source(f, os.fstat, fd)
@@ -249,9 +252,3 @@ class FileMirror:
     def _lost(f: MirroredFile, err: OSError) -> FileMirrorError:
         return FileMirrorError(f"{f.what} {f.source!r} can no longer be read ({err.strerror or err}); it must "
                                f"stay in place until the migration ends: restore it and migrate again")
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]

@@ -23,7 +23,7 @@ import json
 import os
 import stat
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 from agent.errors import Refused
 
@@ -112,18 +112,6 @@ def judge_reuse(partial: str, regular: bool, size: int, found: Identity | None, 
     if why is not None:
         raise Refused(f"destination file {partial!r} is a partial disk this migration cannot resume: {why}; {fix}")
     return found
-
-
-def kept_after_failure(created: Iterable[str], mirror_node_died: bool) -> set[str]:
-    """The partial disks a failed migration keeps for the next one to resume (see the notes).
-
-    `created`: what the migration created at the destination. Only disks with an identity record
-    are kept, and only when the mirror node died. For the agent's recovery after a restart too:
-    an interrupted migration whose nbdkit is gone keeps them on the same terms.
-    """
-    if not mirror_node_died:
-        return set()
-    return {path for path in created if os.path.isfile(identity_path(path))}
 
 
 def discard(path: str, dir_fd: int | None = None) -> None:

@@ -62,13 +62,15 @@ from typing import Any, Callable
 
 from agent import metrics, partial
 from agent.config import VmConfig
+from agent.destdir import DestDir, remove_created
 from agent.errors import Refused, SvmotionError
 from agent.files import FileMirror, FileSync, FileUnstable
 from agent.jsonlines import JsonLinesClient, RemoteError
-from agent.plan import (DiskPlan, MigrationOptions, free_bytes, growth_room_needed, human_bytes, partial_name,
-                        plan_migration)
+from agent.plan import DiskPlan, MigrationOptions, growth_room_needed, human_bytes, partial_name, plan_migration
 from agent.supervisor import process_start_time
 from agent.verify import VerifyError, verify_disks
+from nbd_plugin.backend import is_nbd_uri
+from nbd_plugin.backend_nbd import NbdOptions
 
 log = logging.getLogger("svmotion.phases")
 
@@ -131,18 +133,20 @@ class Migration:
     """One migration job. `validate()` refuses bad requests synchronously; `start()` runs the phases.
 
     Example:
-        m = Migration(vm, node.client, paths, opts, on_done=save)
+        m = Migration(vm, node.client, paths, opts, open_destdir(opts.destination, tls, state_dir), on_done=save)
         m.validate(); m.start(); ...; m.abort(); m.wait()
     """
 
     def __init__(self, vm: VmConfig, connect: Callable[[], JsonLinesClient], paths: dict[str, Any],
-                 options: MigrationOptions, on_done: Callable[["Migration"], None] | None = None,
+                 options: MigrationOptions, dest: DestDir, on_done: Callable[["Migration"], None] | None = None,
                  injection: Injection | None = None,
-                 save_journal: Callable[[dict[str, Any]], None] | None = None):
+                 save_journal: Callable[[dict[str, Any]], None] | None = None, nbd: NbdOptions | None = None):
         self.vm = vm
         self._connect = connect
         self.paths = paths          # current {"disks": {name: path}, "files": [...], "sidecars": {...}}
         self.options = options
+        self.dest = dest                                  # where to (agent/destdir.py): here or another host
+        self._nbd = nbd                                   # how to read a source on another host (verify)
         self._on_done = on_done
         self._inject = injection if injection is not None else Injection.from_env()
         self.id = uuid.uuid4().hex[:12]
@@ -167,6 +171,7 @@ class Migration:
         self._files: FileMirror | None = None             # per-VM files and sidecars (agent/files.py)
         self._node: tuple[int, int | None] | None = None  # the mirror node's pid and start time
         self.kept_partials: list[str] = []                # partial disks kept for a resume
+        self.left_partials: list[str] = []                # what an unreachable destination still holds
         self.verification: dict[str, Any] | None = None   # `--verify`: agent/verify.py's record
         self._ctl: JsonLinesClient | None = None
         self._stun_id: str | None = None
@@ -186,7 +191,7 @@ class Migration:
 
     def validate(self, hello: dict[str, Any]) -> None:
         """DiskSetup's checks, run before the reply to `migrate`: raise Refused, changing nothing."""
-        self.plan, self.files = plan_migration(self.vm, self.paths, hello, self.options)
+        self.plan, self.files = plan_migration(self.vm, self.paths, hello, self.options, self.dest)
 
     def start(self) -> None:
         self._journal()       # before the reply to `migrate`: the agent may die at any moment now
@@ -204,9 +209,9 @@ class Migration:
 
     @classmethod
     def from_journal(cls, vm: VmConfig, connect: Callable[[], JsonLinesClient], journal: dict[str, Any],
-                     resume_at: str, **kwargs: Any) -> "Migration":
+                     resume_at: str, dest: DestDir, **kwargs: Any) -> "Migration":
         """The job a dead agent was running, to go on at phase `resume_at`."""
-        m = cls(vm, connect, {}, MigrationOptions(**journal["options"]), **kwargs)
+        m = cls(vm, connect, {}, MigrationOptions(**journal["options"]), dest, **kwargs)
         m.id, m.started, m._copied_base = journal["id"], journal["started"], journal["copied_base"]
         m.plan = [DiskPlan(**{**d, "sidecars": [tuple(s) for s in d["sidecars"]],
                               "resume": partial.Identity(**d["resume"]) if d.get("resume") else None})
@@ -231,9 +236,16 @@ class Migration:
         return self._created + [p for p in planned if p not in self._created]
 
     def planned_paths(self) -> dict[str, Any]:
-        """Where the VM's disks and files live once this migration has succeeded."""
-        return {"disks": {d.name: d.final for d in self.plan}, "files": [f for _, f in self.files],
-                "sidecars": {d.name: [f for _, f in d.sidecars] for d in self.plan}}
+        """Where the VM's disks and files live once this migration has succeeded: a remote disk
+        at its export's URI, a remote file as HOST:/path (agent/plan.py Destination)."""
+        there = self.dest.shown_path
+        return {"disks": {d.name: self.served_location(d) for d in self.plan},
+                "files": [there(f) for _, f in self.files],
+                "sidecars": {d.name: [there(f) for _, f in d.sidecars] for d in self.plan}}
+
+    def served_location(self, disk: DiskPlan) -> str:
+        """What the mirror node serves the disk from after the switchover."""
+        return disk.target if self.dest.remote else disk.final
 
     def abort(self, reason: str = "aborted by the user", failed: bool = False) -> None:
         """Ask the job to stop at its next cancel point; refused once the switchover is done.
@@ -271,6 +283,7 @@ class Migration:
             "predicted_switchover_stun_seconds": self.predicted_switchover_stun_s,
             "progress": progress_of(status, self.plan, self._copied_base),
             "verify": self.verification, "kept_partials": list(self.kept_partials),
+            "left_partials": list(self.left_partials),
         }
         if sample_list is not None:
             out["samples"] = sample_list
@@ -313,8 +326,12 @@ class Migration:
         except Exception as err:
             log.exception("vm %s: cleanup failed", self.vm.name)
             self.warnings.append(f"cleanup: {type(err).__name__}: {err}")
+        if self.left_partials and error is not None:
+            error = (f"{error}; {self.dest} did not answer the clean-up: its {len(self.left_partials)} partial "
+                     f"files stay there until the next migration to it removes them")
         if self.verification is not None and self.verification["result"] != "match":
             result, error = "failed", self.verification["error"]
+        self.dest.close()
         self.state, self.error, self.ended = result, error, time.time()
         metrics.set_phase(self.vm.name, None)
         metrics.count_migration(self.vm.name, result)
@@ -387,7 +404,7 @@ class Migration:
 
     def _phase_DiskSetup(self) -> None:
         hello = self._call("hello")
-        self.plan, self.files = plan_migration(self.vm, self.paths, hello, self.options)
+        self.plan, self.files = plan_migration(self.vm, self.paths, hello, self.options, self.dest)
         status = self._call("status")
         # The plugin's counters are cumulative over the disk's life: progress counts from here.
         self._copied_base = copied_total(status)
@@ -399,32 +416,29 @@ class Migration:
         # Who serves the disks: if this process dies, the partial disks are worth keeping.
         pid = int(self._call("hello")["pid"])
         self._node = (pid, process_start_time(pid))
+        made = self.dest.stat([d.partial for d in self.plan if d.partial in self._created])
         for disk in self.plan:
             if disk.resume is not None:
                 continue                        # DiskLoad opens it
-            if disk.partial in self._created and _is_partial_of(disk.partial, disk.size):
+            if disk.partial in made and made[disk.partial].size == disk.size:
+                disk.target = self.dest.target(disk.partial)
                 continue      # made by this very job before its agent died (resume)
-            mode = os.stat(disk.source).st_mode & 0o777
-            fd = os.open(disk.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-            self._created.append(disk.partial)
-            try:
-                os.ftruncate(fd, disk.size)     # sparse: the copier skips holes
-            finally:
-                os.close(fd)
-            partial.write_identity(disk.partial, disk.identity(self.vm.name, self.id, self.options.granularity))
+            mode = 0o600 if is_nbd_uri(disk.source) else os.stat(disk.source).st_mode & 0o777
+            identity = disk.identity(self.vm.name, self.id, self.options.granularity)
+            disk.target = self._creating(disk.partial,
+                                         lambda d=disk: self.dest.create_disk(d.partial, d.size, mode, identity))
 
     def _phase_DiskLoad(self) -> None:
         """Take over the partial disks an earlier migration left, after checking them again."""
         for disk in self.plan:
             if disk.resume is None:
                 continue
-            found = partial.reusable(disk.partial, disk.identity(self.vm.name, "", self.options.granularity))
-            if found is None:
-                raise MigrationFailed(f"partial disk {disk.partial!r} to resume has gone; migrate again")
-            self._created.append(disk.partial)
-            partial.write_identity(disk.partial, disk.identity(self.vm.name, self.id, self.options.granularity))
+            disk.target = self.dest.reuse_disk(disk.partial, disk.size,
+                                               disk.identity(self.vm.name, self.id, self.options.granularity))
+            if disk.partial not in self._created:
+                self._created.append(disk.partial)
             log.info("vm %s: disk %s resumes from %s of migration %s", self.vm.name, disk.name,
-                     disk.partial, found.migration)
+                     disk.partial, disk.resume.migration)
 
     def _phase_FileCreate(self) -> None:
         self._sync_files("files_copy", [source for source, _ in self.files])
@@ -439,7 +453,7 @@ class Migration:
 
     def _phase_Unstun(self) -> None:
         for disk in self.plan:
-            spec = {disk.name: {"dest": disk.partial, "mode": self.options.mirror,
+            spec = {disk.name: {"dest": disk.target, "mode": self.options.mirror,
                                 "granularity": self.options.granularity}}
             self._step(f"install_mirror {disk.name}",
                        lambda s=spec: self._call("install_mirror", stun_id=self._stun_id, disks=s))
@@ -483,16 +497,14 @@ class Migration:
         # wrote its copies without fsync (the last ones under the switchover stun): sync them now.
         # A job resumed here copied none of them itself: sync every one not yet renamed.
         resumed = self._resume_at == "DiskCopyDone"
-        for copy in self._file_mirror().partials(copied=not resumed):
-            if os.path.lexists(copy):
-                fsync_file(copy)
+        for copy in self.dest.stat(self._file_mirror().partials(copied=not resumed)):
+            self.dest.fsync(copy)
         for disk in self.plan:
-            rename_partial(disk.partial, disk.final)
-            partial.discard(disk.partial)       # its identity record: nothing is partial any more
+            self.dest.rename(disk.partial, disk.final)
         self._inject_at("DiskCopyDone.renamed")
         for source, final in self.files + [s for d in self.plan for s in d.sidecars]:
-            rename_partial(partial_name(final), final)
-        fsync_dir(self.options.dest)
+            self.dest.rename(partial_name(final), final)
+        self.dest.fsync_dir()
 
     def _phase_Complete(self) -> None:
         if self.options.verify:
@@ -508,7 +520,7 @@ class Migration:
         """Each destination against its frozen source, by digests (agent/verify.py); never raises."""
         disks = [(d.name, d.source, d.size) for d in self.plan]
         try:
-            record = verify_disks(self._call, disks, self.options.granularity)
+            record = verify_disks(self._call, disks, self.options.granularity, self._nbd)
         except VerifyError as err:
             record = {"result": "error", "first_mismatch": None, "verified_bytes": 0, "skipped_bytes": 0}
             reason = str(err)
@@ -542,10 +554,10 @@ class Migration:
         # `paths`: the files were renamed at DiskCopyDone; the plugin must reopen (legacy) and
         # report them by their final names. Before the fsyncs: a destination that fails them must
         # not leave the disks switched but unfinished (the next migration would be refused).
-        self._call("finish", paths={d.name: d.final for d in self.plan})
+        self._call("finish", paths={d.name: self.served_location(d) for d in self.plan})
         self._inject_at("Cleanup.finished")
         for disk in self.plan:
-            fsync_file(disk.final)
+            self.dest.fsync(disk.final)
         # Verification comes first: a source that does not provably match is kept.
         if self.options.verify and self.verification is None:
             self.warnings.append("not verified (an error after the switchover, see above): the source is kept")
@@ -553,6 +565,10 @@ class Migration:
         if self.options.delete_source and verified:
             for path in [d.source for d in self.plan] + [s for s, _ in self.files] + \
                         [s for d in self.plan for s, _ in d.sidecars]:
+                if is_nbd_uri(path):
+                    # A datastore never deletes a finished disk for a peer (agent/datastore.py).
+                    self.warnings.append(f"delete source {path}: kept, it is on another host; delete it there")
+                    continue
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
@@ -574,15 +590,10 @@ class Migration:
             # The stun (if any) ends with the connection or its lease; the mirror may stay
             # installed, writing to an unlinked file, until the agent's next abort.
             self.warnings.append(f"plugin abort failed: {err}")
-        keep = partial.kept_after_failure(self._created, self._mirror_node_died())
-        for path in reversed(self._created):
-            if path in keep:
-                continue
-            try:
-                partial.discard(path)
-            except OSError as err:
-                self.warnings.append(f"remove {path}: {err.strerror}")
-        self.kept_partials = [p for p in self._created if p in keep]
+        removal = remove_created(self.dest, self._created, self._mirror_node_died())
+        self.warnings += removal.errors
+        self.kept_partials = removal.kept
+        self.left_partials = removal.left
         if self.kept_partials:
             log.warning("vm %s: the mirror node died; keeping %s for the next migration to %s to resume",
                         self.vm.name, ", ".join(self.kept_partials), self.options.dest)
@@ -621,8 +632,19 @@ class Migration:
         """The job's file mirror; a job resumed after FileCreate starts one that copies everything again."""
         if self._files is None:
             sidecars = [(s, f, f"sidecar of disk {d.name!r}") for d in self.plan for s, f in d.sidecars]
-            self._files = FileMirror([(s, f, "per-VM file") for s, f in self.files] + sidecars)
+            self._files = FileMirror([(s, f, "per-VM file") for s, f in self.files] + sidecars,
+                                     writer=self.dest.file_writer)
         return self._files
+
+    def _creating(self, path: str, create: Callable[[], str]) -> str:
+        """Create a destination object, recorded for the rollback first: a create whose reply was
+        lost (the destination host stopped answering) may have happened."""
+        self._created.append(path)
+        try:
+            return create()
+        except (FileExistsError, Refused):
+            self._created.remove(path)       # answered, and not made: not ours to remove
+            raise
 
     def _sync_files(self, name: str, sources: list[str] | None = None) -> FileSync:
         """A pass of the file mirror (all files by default), recorded in steps with its wall-clock window."""
@@ -772,8 +794,10 @@ class Migration:
 
     def _refuse_a_full_destination(self) -> None:
         """No switchover onto a destination without room for the disks to grow (plan.py)."""
-        need = growth_room_needed([(d.partial, d.size) for d in self.plan])
-        free = free_bytes(self.options.dest)
+        facts = self.dest.stat([d.partial for d in self.plan])
+        need = growth_room_needed([(facts[d.partial].allocated if d.partial in facts else 0, d.size)
+                                   for d in self.plan])
+        free = self.dest.free_bytes()
         if free < need:
             raise MigrationFailed(f"destination {self.options.dest!r} has {human_bytes(free)} free, too little "
                                   f"for the disks to grow after the switchover (the guest's next writes into "
@@ -808,37 +832,6 @@ class Migration:
                         self.samples.append(sample)
         finally:
             ctl.close()
-
-
-def rename_partial(partial: str, final: str) -> None:
-    """Give a destination object its final name; done already (an earlier run of this job) is fine."""
-    if os.path.lexists(partial):
-        os.rename(partial, final)
-    elif not os.path.lexists(final):
-        raise MigrationFailed(f"destination file {partial!r} vanished before it could be renamed to {final!r}")
-
-
-def _is_partial_of(path: str, size: int) -> bool:
-    try:
-        return os.stat(path).st_size == size
-    except FileNotFoundError:
-        return False
-
-
-def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def refuse_broken_mirrors(status: dict[str, Any]) -> None:

@@ -23,14 +23,18 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import DEFAULT_AGENT_PORT, VmConfig
 from agent.errors import EXIT_USAGE, Refused, SvmotionError
-from agent.partial import Identity, reusable
+from agent.partial import Identity, judge_reuse
 from agent.remote import parse_name
+from nbd_plugin.backend import is_nbd_uri
 from nbd_plugin.control import Arg, ArgumentError, arguments, file_path, one_of, power_of_two, within
 from nbd_plugin.dirtymap import MAX_GRANULARITY, MIN_GRANULARITY
+
+if TYPE_CHECKING:
+    from agent.destdir import DestDir
 
 STRATEGIES = ("optimized", "legacy")
 MIRROR_MODES = ("sync", "dirty")
@@ -169,10 +173,12 @@ class DiskPlan:
     final: str
     sidecars: list[tuple[str, str]] = field(default_factory=list)   # (source, dest final)
     resume: Identity | None = None    # the partial disk found at the destination, to DiskLoad
+    target: str = ""                  # what the mirror writes to: the partial's path, or its export's URI
 
     def identity(self, vm: str, migration: str, granularity: int) -> Identity:
         """The identity record of this disk's partial when `migration` makes or reuses it."""
-        return Identity(vm=vm, disk=self.name, source=os.path.realpath(self.source), size=self.size,
+        source = self.source if is_nbd_uri(self.source) else os.path.realpath(self.source)
+        return Identity(vm=vm, disk=self.name, source=source, size=self.size,
                         migration=migration, granularity=granularity)
 
 
@@ -188,60 +194,60 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def plan_migration(vm: VmConfig, paths: dict[str, Any], hello: dict[str, Any],
-                   options: MigrationOptions) -> tuple[list[DiskPlan], list[tuple[str, str]]]:
-    """Check the request against the VM and the destination; raise Refused naming what is wrong."""
-    where = options.destination
-    if where.remote:
-        # The seam of remote destinations (issue 11): their DiskSetup is the destination agent's
-        # `ds_check` (agent/remote.py, agent/datastore.py), with partial.judge_reuse for DiskLoad,
-        # once the phases can mirror to an NBD export. Until then: refused, nothing changed.
-        raise Refused(f"destination {options.dest!r} is on another host ({where.host}): this agent cannot run "
-                      f"the phases of a migration to a remote datastore yet; give a local directory")
-    dest = os.path.realpath(options.dest)
-    if not os.path.isdir(dest):
-        raise Refused(f"destination {options.dest!r} is not a directory; create it first (mkdir -p)")
-    if not os.access(dest, os.W_OK | os.X_OK):
-        raise Refused(f"destination {options.dest!r} is not writable; fix its permissions")
+def plan_migration(vm: VmConfig, paths: dict[str, Any], hello: dict[str, Any], options: MigrationOptions,
+                   dest: "DestDir") -> tuple[list[DiskPlan], list[tuple[str, str]]]:
+    """Check the request against the VM and the destination; raise Refused naming what is wrong.
+
+    `dest` (agent/destdir.py) is `options.dest` opened: here, or another host's datastore.
+    """
     sizes = {d["name"]: int(d["size"]) for d in hello.get("disks", [])}
     plan: list[DiskPlan] = []
     claimed: set[str] = set()
 
-    def target(source: str, name: str, resumable: bool = False) -> str:
-        final = os.path.join(dest, name)
-        for path in (final,) if resumable else (final, partial_name(final)):
-            if os.path.lexists(path):
-                raise Refused(f"destination file {path!r} already exists; remove it or choose another --dest")
+    def target(name: str) -> str:
+        final = os.path.join(dest.path, name)
         if final in claimed:
             raise Refused(f"two objects of VM {vm.name!r} would both be copied to {final!r}; rename one")
         claimed.add(final)
         return final
 
     def existing(path: str, what: str) -> str:
+        if is_nbd_uri(path):
+            return path           # a disk served from another host's export: the mirror node reads it
+        if not path.startswith("/"):
+            # HOST:/path, where an earlier migration put it (Migration.planned_paths).
+            raise Refused(f"source {what} {path!r} is on another host: per-VM files and sidecars are only "
+                          f"migrated from this host's storage (not yet back from a datastore); copy it here "
+                          f"and fix the agent's configuration")
         if not os.path.isfile(path):
             raise Refused(f"source {what} {path!r} is missing; restore it or fix the agent's configuration")
         return path
 
     for disk in vm.disks:
         source = existing(paths["disks"][disk.name], f"disk {disk.name!r}")
-        if os.path.realpath(os.path.dirname(source)) == dest:
+        if not dest.remote and not is_nbd_uri(source) and os.path.realpath(os.path.dirname(source)) == dest.path:
             raise Refused(f"destination {options.dest!r} is the directory of the source disk {source!r}; "
                           f"choose another --dest")
         if disk.name not in sizes:
             raise Refused(f"the mirror node does not serve disk {disk.name!r}; restart the agent")
         side_sources = paths["sidecars"].get(disk.name, list(disk.sidecars))
-        plan.append(DiskPlan(name=disk.name, source=source, size=sizes[disk.name],
-                             partial="", final=target(source, f"{disk.name}.raw", resumable=True)))
-        plan[-1].partial = partial_name(plan[-1].final)
-        wanted = plan[-1].identity(vm.name, "", options.granularity)
-        plan[-1].resume = reusable(plan[-1].partial, wanted)
+        final = target(f"{disk.name}.raw")
+        plan.append(DiskPlan(name=disk.name, source=source, size=sizes[disk.name], partial=partial_name(final),
+                             final=final))
         plan[-1].sidecars = [(existing(s, f"sidecar of disk {disk.name!r}"), "") for s in side_sources]
     for disk in plan:
-        disk.sidecars = [(s, target(s, os.path.basename(s))) for s, _ in disk.sidecars]
+        disk.sidecars = [(s, target(os.path.basename(s))) for s, _ in disk.sidecars]
     files = [(existing(f, "file"), "") for f in paths["files"]]
-    files = [(s, target(s, os.path.basename(s))) for s, _ in files]
-    check_free_space(dest, options.dest, [d.source for d in plan] + [s for s, _ in files] +
-                     [s for d in plan for s, _ in d.sidecars])
+    files = [(s, target(os.path.basename(s))) for s, _ in files]
+    names = [os.path.basename(f) for _, f in files] + [os.path.basename(f) for d in plan for _, f in d.sidecars]
+    found = dest.check(names, [os.path.basename(d.final) for d in plan],
+                       allocated_bytes([d.source for d in plan] + [s for s, _ in files] +
+                                       [s for d in plan for s, _ in d.sidecars]))
+    for disk in plan:
+        facts = found.get(os.path.basename(disk.final))
+        if facts is not None:
+            disk.resume = judge_reuse(disk.partial, facts.regular, facts.size, facts.identity,
+                                      disk.identity(vm.name, "", options.granularity))
     return plan, files
 
 
@@ -249,12 +255,12 @@ def plan_migration(vm: VmConfig, paths: dict[str, Any], hello: dict[str, Any],
 GROWTH_HEADROOM = 64 << 20
 
 
-def growth_room_needed(disks: list[tuple[str, int]]) -> int:
+def growth_room_needed(disks: list[tuple[int, int]]) -> int:
     """What the destination must still have free to take the VM: the disks' unallocated bytes, at
-    most GROWTH_HEADROOM. `disks`: (destination path, size). After the switchover the guest's first
+    most GROWTH_HEADROOM. `disks`: (allocated bytes, size). After the switchover the guest's first
     write into a hole allocates there; a destination that filled up during the migration would fail
     it (the fault campaign found one, trial seed 237986542), an error the destination caused."""
-    unallocated = sum(max(0, size - os.stat(path).st_blocks * 512) for path, size in disks)
+    unallocated = sum(max(0, size - allocated) for allocated, size in disks)
     return min(unallocated, GROWTH_HEADROOM)
 
 
@@ -263,10 +269,7 @@ def free_bytes(path: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def check_free_space(dest: str, shown: str, sources: list[str]) -> None:
-    """Refuse when the destination cannot even hold the data the sources have allocated now."""
-    need = sum(os.stat(p).st_blocks * 512 for p in sources)
-    free = free_bytes(dest)
-    if need > free:
-        raise Refused(f"destination {shown!r} has {human_bytes(free)} free but the disks and files hold "
-                      f"{human_bytes(need)}; free space there or choose another --dest")
+def allocated_bytes(sources: list[str]) -> int:
+    """What the sources hold now, the least a destination must have free. A disk served from
+    another host's export counts nothing here: only the switchover's room check sees its growth."""
+    return sum(os.stat(p).st_blocks * 512 for p in sources if not is_nbd_uri(p))

@@ -38,8 +38,12 @@ THREADS = 16
 READY_TIMEOUT_S = 15.0
 
 
-def nbdkit_command(vm: VmConfig, disk_paths: dict[str, str], control: str, served: str) -> list[str]:
+def nbdkit_command(vm: VmConfig, disk_paths: dict[str, str], control: str, served: str,
+                   tls_dir: str | None = None) -> list[str]:
     """The nbdkit command line of docs/interfaces.md, section 1, disks in configuration order.
+
+    `tls_dir`: this host's credentials in libnbd's layout, for the nbds:// disks and destinations
+    of other hosts' datastores (agent/tls.py certificates_dir).
 
     nbdkit takes either a Unix socket or a TCP port on its command line, never both; a VM with a
     TCP `listen` gets both listeners through socket activation instead (see listening_sockets).
@@ -50,6 +54,8 @@ def nbdkit_command(vm: VmConfig, disk_paths: dict[str, str], control: str, serve
     cmd += ["--threads", str(THREADS), "python", str(plugin_script()), f"vm={vm.name}"]
     cmd += [f"disk={d.name}:{disk_paths[d.name]}" for d in vm.disks]
     cmd += [f"control={control}", f"lease={vm.lease}", f"state={served}"]
+    if tls_dir is not None:
+        cmd.append(f"tls-certificates={tls_dir}")
     return cmd
 
 
@@ -244,10 +250,11 @@ class Nbdkit(Detached):
     Example: `node = Nbdkit(vm, state_dir); node.adopt() or node.start(paths); node.client()`
     """
 
-    def __init__(self, vm: VmConfig, state_dir: str):
+    def __init__(self, vm: VmConfig, state_dir: str, tls_dir: str | None = None):
         super().__init__(f"vm {vm.name}", os.path.join(state_dir, f"{vm.name}.pid"),
                          os.path.join(state_dir, f"{vm.name}.nbdkit.log"))
         self.vm = vm
+        self.tls_dir = tls_dir
         self.control = os.path.join(state_dir, f"{vm.name}.ctl")
         # Where each disk lives, written by nbdkit itself before it serves a new place
         # (nbd_plugin/served.py): the truth about the disks after any crash.
@@ -286,7 +293,7 @@ class Nbdkit(Detached):
         for path in (self.control, self.vm.socket):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         remove_stale_socket(self.vm.socket)
-        cmd = nbdkit_command(self.vm, disk_paths, self.control, self.served_file)
+        cmd = nbdkit_command(self.vm, disk_paths, self.control, self.served_file, self.tls_dir)
         self._launch(cmd, {"PYTHONPATH": str(plugin_pythonpath())}, listening_sockets(self.vm))
         self.hello = self._wait_ready(time.monotonic() + READY_TIMEOUT_S)
         log.info("vm %s: started nbdkit pid %d", self.vm.name, self.pid)

@@ -28,7 +28,8 @@ from typing import Any, Callable
 from agent.errors import EXIT_VERIFY, SvmotionError
 from agent.jsonlines import RemoteError
 from agent.plan import human_bytes
-from nbd_plugin.backend import FileBackend
+from nbd_plugin.backend import Backend, FileBackend, is_nbd_uri, open_backend
+from nbd_plugin.backend_nbd import NbdOptions
 from nbd_plugin.digest import DIGEST_SIZE, chunk_digests, differing
 
 PIECE_BYTES = 8 << 20
@@ -55,8 +56,11 @@ class DiskVerdict:
     tracked: bool = True
 
 
-def verify_disks(call: Call, disks: list[tuple[str, str, int]], granularity: int) -> dict[str, Any]:
-    """Compare each (disk name, reference path, size); the verification record.
+def verify_disks(call: Call, disks: list[tuple[str, str, int]], granularity: int,
+                 nbd: NbdOptions | None = None) -> dict[str, Any]:
+    """Compare each (disk name, reference path or NBD URI, size); the verification record.
+
+    `nbd`: how a reference behind an NBD URI (a source on another host's datastore) is reached.
 
     Example: `verify_disks(ctl.call, [("disk0", "/old/disk0.raw", 1 << 30)], 65536)["result"]`
     """
@@ -64,7 +68,7 @@ def verify_disks(call: Call, disks: list[tuple[str, str, int]], granularity: int
     verdicts = []
     for name, reference, size in disks:
         try:
-            verdicts.append(verify_disk(call, name, reference, size, granularity))
+            verdicts.append(verify_disk(call, name, reference, size, granularity, nbd))
         except (OSError, ValueError, RemoteError) as err:
             reason = getattr(err, "strerror", None) or str(err)
             raise VerifyError(f"verification could not complete: disk {name} against {reference}: "
@@ -83,10 +87,12 @@ def verify_disks(call: Call, disks: list[tuple[str, str, int]], granularity: int
     }
 
 
-def verify_disk(call: Call, name: str, reference_path: str, size: int, granularity: int) -> DiskVerdict:
+def verify_disk(call: Call, name: str, reference_path: str, size: int, granularity: int,
+                nbd: NbdOptions | None = None) -> DiskVerdict:
     """Compare one disk as served with a reference file, piece by piece, up to the first difference."""
     verdict = DiskVerdict(name, reference_path, size)
-    reference = FileBackend(reference_path, readonly=True)
+    reference = open_backend(reference_path, nbd) if is_nbd_uri(reference_path) else \
+        FileBackend(reference_path, readonly=True)
     try:
         if reference.size != size:
             verdict.mismatch_offset = min(reference.size, size)
@@ -124,7 +130,7 @@ def _bytes(skipped: set[int], below: int, offset: int, count: int, granularity: 
     return sum(min(granularity, end - offset - i * granularity) for i in skipped if i < below)
 
 
-def _locate(call: Call, name: str, reference: FileBackend, offset: int, length: int) -> int:
+def _locate(call: Call, name: str, reference: Backend, offset: int, length: int) -> int:
     """The first differing byte of a chunk whose digests differ, by finer and finer digests."""
     while length > 1:
         granularity = 1 << max(0, (-(-length // REFINE_FANOUT) - 1).bit_length())

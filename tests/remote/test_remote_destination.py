@@ -1,7 +1,7 @@
-"""`--dest HOST:/path`: the scp-like destination syntax, and `migrate` refusing a remote one for now.
+"""`--dest HOST:/path`: the scp-like destination syntax, and `migrate` refusing what cannot be.
 
-Units of agent/plan.py `parse_destination`, and a real agent with a VM: a remote destination is
-refused (exit 3, one line, nothing changed) until the phases can run it; a malformed one is a usage
+Units of agent/plan.py `parse_destination`, and a real agent with a VM: a remote destination
+without [tls] is refused (exit 3, one line, nothing changed); a malformed one is a usage
 error (exit 2) from the CLI or the API alike.
 """
 from __future__ import annotations
@@ -76,11 +76,12 @@ def vm_agent(tmp_path: Path) -> Iterator[AgentProcess]:
         pool.close()
 
 
-def test_migrate_refuses_a_remote_destination_until_the_phases_run_it(vm_agent: AgentProcess, tmp_path: Path) -> None:
+def test_migrate_to_another_host_needs_tls_and_a_well_formed_destination(vm_agent: AgentProcess,
+                                                                         tmp_path: Path) -> None:
     before = sorted(p.name for p in tmp_path.iterdir())
     done = vm_agent.cli("migrate", "vm1", "--dest", "hostb:/srv/ds2/vm1")
     assert done.returncode == 3, done
-    assert done.stderr.count("\n") == 1 and "another host (hostb)" in done.stderr and "local directory" in done.stderr
+    assert done.stderr.count("\n") == 1 and "on another host" in done.stderr and "needs [tls]" in done.stderr
     bad = vm_agent.cli("migrate", "vm1", "--dest", "::1:/srv/x")
     assert bad.returncode == 2 and "brackets" in bad.stderr, bad
     with pytest.raises(RemoteError) as err:
