@@ -15,11 +15,15 @@ Design notes
 """
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import re
 import socket
 import ssl
+from pathlib import Path
 from typing import Any
+
+from cryptography import x509
 
 from agent.config import TlsConfig
 from agent.errors import EXIT_INTERNAL, EXIT_UNREACHABLE, SvmotionError
@@ -69,6 +73,21 @@ def nbd_uri(host: str, port: int, export: str) -> str:
     return f"nbds://{host_port(host, port)}/{export}"
 
 
+def _expired(tls: TlsConfig) -> str | None:
+    """Why our own certificate cannot be used now, or None: the peer would only close the connection."""
+    try:
+        cert = x509.load_pem_x509_certificate(Path(tls.cert).read_bytes())
+    except (OSError, ValueError):
+        return None             # client_context says what is wrong with it
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    if cert.not_valid_after < now:
+        return (f"this host's certificate {tls.cert} expired on {cert.not_valid_after:%Y-%m-%d %H:%M} UTC; "
+                f"renew it with svmotion tls init DIR --host NAME --force")
+    if cert.not_valid_before > now:
+        return f"this host's certificate {tls.cert} is not valid before {cert.not_valid_before:%Y-%m-%d %H:%M} UTC"
+    return None
+
+
 def _why(err: BaseException) -> str:
     if isinstance(err, ssl.SSLCertVerificationError):
         return f"its TLS certificate is not accepted: {err.verify_message}"
@@ -91,6 +110,9 @@ class RemoteAgent:
                  connect_timeout: float = CONNECT_TIMEOUT_S):
         self.host, self.port = host, port
         self.where = host_port(host, port)
+        expired = _expired(tls)
+        if expired:
+            raise RemoteUnreachable(self.where, expired)
         context = client_context(tls)
         try:
             raw = socket.create_connection((host, port), timeout=connect_timeout)
