@@ -182,3 +182,37 @@ def test_a_killed_destination_agent_fails_the_migration_and_its_partials_go_at_t
     assert out2.returncode == 0, out2.stderr + vm.log_text()
     assert partials(first) == []
     assert not (vm.state / "leftovers.json").exists() or json.loads((vm.state / "leftovers.json").read_text()) == {}
+
+
+def test_from_one_host_to_another_and_an_abort_there(tls_vm, ds_host: DatastoreHost, datastore_host) -> None:
+    """Remote to remote: B's export is the source, C's the destination; then an abort on C's way."""
+    other = datastore_host(name="c")
+    vm = tls_vm(n_disks=2, size=16 * MiB, files=False, inject="pause:CopyDirtyData")
+    on_b, to_b = remote_dir(ds_host, "hop")
+    on_c, to_c = remote_dir(other, "hop")
+    writer = vm.writer(rate=1 * MiB)
+    writer.start()
+    try:
+        out = vm.cli_background("migrate", vm.name, "--dest", to_c, "--json")
+        vm.wait_phase("CopyDirtyData")
+        assert partials(on_c), "the partials exist on C while the migration runs"
+        aborted = vm.cli("abort", vm.name)
+        assert aborted.returncode == 0, aborted
+        _, stderr = out.communicate(timeout=60)
+        assert out.returncode == 6, stderr
+        assert partials(on_c) == []
+        vm.kill_agent()                  # the agent goes, nbdkit and the writer stay
+        vm.start()                       # without the pause
+        for dest, served in ((to_b, ds_host), (to_c, other)):
+            done = vm.cli("migrate", vm.name, "--dest", dest, "--json")
+            assert done.returncode == 0, done.stderr + vm.log_text()
+            assert all(d["path"].startswith(f"nbds://127.0.0.1:{served.nbd_port}/")
+                       for d in vm.plugin("status")["disks"].values())
+        time.sleep(0.3)
+    finally:
+        report = writer.stop()
+    assert not report.errors, report.errors
+    for d in vm.disks:
+        bad = writer.verify_image(d, on_c / f"{d}.raw")
+        assert not bad, f"{d}: {len(bad)} bad blocks on C, first {writer.describe(d, bad[0])}"
+    assert partials(on_b) == [] and partials(on_c) == []
