@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from agent.jsonlines import JsonLinesClient  # noqa: E402
+from agent.netns import Lab  # noqa: E402
 from agent.writer import PATTERN, fill_pattern_image  # noqa: E402
 
 import nbdremote  # noqa: E402  (tests/, on sys.path as pytest's rootdir conftest)
@@ -319,6 +320,21 @@ def start_file_server(sock_dir: Path, tmp_path: Path, processes: Processes) -> C
         return f"nbd+unix:///?socket={sock}"
 
     return start
+
+
+@pytest.fixture
+def two_hosts() -> Iterator[Lab]:
+    """Hosts "a" and "b" as network namespaces joined by a veth pair (agent/netns.py), removed afterwards.
+
+    a is 198.18.0.1, b 198.18.0.2 (`lab["b"].address`). Fixtures that start processes on a host
+    depend on this one, so pytest stops them first; a process still running at the end makes
+    the teardown fail (LabError names it).
+    """
+    lab = Lab("svmt", ("a", "b"))
+    try:
+        yield lab
+    finally:
+        lab.close()
 
 
 @pytest.fixture(scope="session")
