@@ -32,7 +32,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pytest
 
@@ -41,10 +41,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from agent.jsonlines import JsonLinesClient  # noqa: E402
-from agent.netns import Lab  # noqa: E402
 from agent.writer import PATTERN, fill_pattern_image  # noqa: E402
 
 import nbdremote  # noqa: E402  (tests/, on sys.path as pytest's rootdir conftest)
+
+if TYPE_CHECKING:
+    from agent.netns import Lab   # imported where used: pyroute2 costs every test run 0.2 s
 
 MiB = 1024 * 1024
 WRITE_PIECE = 64 * 1024
@@ -330,6 +332,8 @@ def two_hosts() -> Iterator[Lab]:
     depend on this one, so pytest stops them first; a process still running at the end makes
     the teardown fail (LabError names it).
     """
+    from agent.netns import Lab
+
     lab = Lab("svmt", ("a", "b"))
     try:
         yield lab
