@@ -139,10 +139,10 @@ class TlsListener:
             raise NotAdmitted(f"more than {MAX_HANDSHAKES} TLS handshakes at once", tell=False)
         try:
             sock.settimeout(HANDSHAKE_TIMEOUT_S)
+            address = _address(sock)     # now: a failed wrap_socket has taken the socket's descriptor away
             try:
                 tls_sock = self._context.wrap_socket(sock, server_side=True)
             except (ssl.SSLError, OSError) as err:
-                address = _address(sock)
                 sock.close()
                 log.warning("agent API %s: refused %s: TLS handshake failed: %s", self.name, address,
                             _reason(err))

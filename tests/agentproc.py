@@ -14,6 +14,9 @@ Design notes
   datastores' export pid file) in the state dir, by PID and only if the process start time
   matches (never by name: other engineers run nbdkit here).
 - An agent without disks writes no [[vm]]: a datastore host (`agent_keys`, `extra_config`).
+- `command_prefix` runs the agent under another command, e.g. inside a host of a network
+  namespace lab (agent/netns.py `Host.argv([])`: `ip netns exec` execs the agent in place, so
+  the PID is still the agent's). Its Unix sockets and files are this machine's as before.
 - Sockets and state live in a short directory under /tmp (Unix socket paths are limited to 107
   bytes); `AgentPool` makes those directories and removes them with the agents.
 """
@@ -75,6 +78,7 @@ class AgentProcess:
     env: dict[str, str] = field(default_factory=dict)
     agent_keys: dict[str, str] = field(default_factory=dict)   # more [agent] keys (listen, nbd_listen)
     extra_config: str = ""            # more tables ([tls], [[datastore]]); no disks: no [[vm]] at all
+    command_prefix: list[str] = field(default_factory=list)   # e.g. netns Host.argv([]): run it on that host
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
     _logs: int = 0
@@ -143,7 +147,8 @@ class AgentProcess:
         assert self.config is not None
         self.log = self.root / f"{self.config.stem}-{self._logs}.log"
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([PYTHON, "-m", "agent.cli", "agent", "--config", str(self.config)],
+            self.proc = subprocess.Popen([*self.command_prefix, PYTHON, "-m", "agent.cli", "agent", "--config",
+                                          str(self.config)],
                                          cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT)
         what = f"serve {self.name}" if wait_nbdkit else "answer"

@@ -32,7 +32,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pytest
 
@@ -44,6 +44,9 @@ from agent.jsonlines import JsonLinesClient  # noqa: E402
 from agent.writer import PATTERN, fill_pattern_image  # noqa: E402
 
 import nbdremote  # noqa: E402  (tests/, on sys.path as pytest's rootdir conftest)
+
+if TYPE_CHECKING:
+    from agent.netns import Lab   # imported where used: pyroute2 costs every test run 0.2 s
 
 MiB = 1024 * 1024
 WRITE_PIECE = 64 * 1024
@@ -319,6 +322,23 @@ def start_file_server(sock_dir: Path, tmp_path: Path, processes: Processes) -> C
         return f"nbd+unix:///?socket={sock}"
 
     return start
+
+
+@pytest.fixture
+def two_hosts() -> Iterator[Lab]:
+    """Hosts "a" and "b" as network namespaces joined by a veth pair (agent/netns.py), removed afterwards.
+
+    a is 198.18.0.1, b 198.18.0.2 (`lab["b"].address`). Fixtures that start processes on a host
+    depend on this one, so pytest stops them first; a process still running at the end makes
+    the teardown fail (LabError names it).
+    """
+    from agent.netns import Lab
+
+    lab = Lab("svmt", ("a", "b"))
+    try:
+        yield lab
+    finally:
+        lab.close()
 
 
 @pytest.fixture(scope="session")

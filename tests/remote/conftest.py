@@ -11,6 +11,11 @@ Design notes
   (AgentProcess.stop).
 - `ds_host` is one agent per test module (starting one costs a second): tests that share it work
   in their own directory of the datastore.
+- Two hosts for real: `two_hosts` (tests/conftest.py) is a lab of network namespaces
+  (agent/netns.py) whose addresses are the same in every lab, so the session's PKI certifies
+  them too (site/<address>/, other/<address>/). `lab_ds_host` runs the datastore agent on host b,
+  listening on b's address, and its test clients (`ds`, `remote`, `attempt`) connect from host a
+  with a's certificate. It is stopped before the lab is removed (it depends on `two_hosts`).
 """
 from __future__ import annotations
 
@@ -19,14 +24,17 @@ from typing import Callable, Iterator
 
 import pytest
 from agentproc import AgentPool
-from remotelib import DatastoreHost, Pki, make_datastore_host, svmotion
+from remotelib import LAB_ADDRESSES, DatastoreHost, Pki, make_datastore_host, svmotion
+
+from agent.netns import Lab
 
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     root = tmp_path_factory.mktemp("pki")
+    hosts = [arg for name in ("127.0.0.1", "a.test", *LAB_ADDRESSES) for arg in ("--host", name)]
     for name in ("site", "other"):
-        done = svmotion("tls", "init", str(root / name), "--host", "127.0.0.1", "--host", "a.test")
+        done = svmotion("tls", "init", str(root / name), *hosts)
         assert done.returncode == 0, done.stderr
     return Pki(site=root / "site", other=root / "other")
 
@@ -47,5 +55,15 @@ def datastore_host(pki: Pki, tmp_path: Path) -> Iterator[Callable[..., Datastore
     pool = AgentPool()
     try:
         yield lambda **kwargs: make_datastore_host(pool, tmp_path, pki, **kwargs)
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def lab_ds_host(two_hosts: Lab, pki: Pki, tmp_path: Path) -> Iterator[DatastoreHost]:
+    """A datastore agent on host b of `two_hosts` (API and NBD on b's address, TLS); its test clients on host a."""
+    pool = AgentPool()
+    try:
+        yield make_datastore_host(pool, tmp_path, pki, on=two_hosts["b"], clients_on=two_hosts["a"])
     finally:
         pool.close()

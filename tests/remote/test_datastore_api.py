@@ -12,14 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
-import ssl
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from remotelib import DatastoreHost, b64, snapshot
+from remotelib import DatastoreHost, b64, raw_client_context, snapshot
 
 from agent.errors import SvmotionError
 from agent.partial import read_identity
@@ -52,28 +50,6 @@ def refused(ds_host: DatastoreHost, op: str, exit_code: int = 3, **args: Any) ->
 
 # ---- who may talk -------------------------------------------------------------------------------
 
-def attempt(host: DatastoreHost, context: ssl.SSLContext | None, request: dict[str, Any]) -> str:
-    """Send one request over TLS (plaintext without a context); the reply line, or how it failed."""
-    raw = socket.create_connection(("127.0.0.1", host.api_port), timeout=10)
-    try:
-        sock = context.wrap_socket(raw, server_hostname="127.0.0.1") if context else raw
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        data = sock.recv(65536)
-        return data.decode(errors="replace") if data else "closed"
-    except OSError as err:
-        return f"error: {err}"
-    finally:
-        raw.close()
-
-
-def client_context(trust: Path, cert_dir: Path | None) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(cafile=str(trust))
-    if cert_dir is not None:
-        ctx.load_cert_chain(str(cert_dir / "client-cert.pem"), str(cert_dir / "client-key.pem"))
-    return ctx
-
-
 def test_a_client_with_a_site_certificate_is_served(ds_host: DatastoreHost) -> None:
     hello = ds_host.ds("ds_hello")
     assert [d["name"] for d in hello["datastores"]] == ["ds1"]
@@ -82,18 +58,18 @@ def test_a_client_with_a_site_certificate_is_served(ds_host: DatastoreHost) -> N
     assert set(hello["ops"]) == {"ds_check", "ds_create", "ds_digests", "ds_export", "ds_fsync", "ds_hello",
                                  "ds_remove", "ds_rename", "ds_stat", "ds_write_file"}
     site = ds_host.pki.site
-    good = attempt(ds_host, client_context(site / "ca-cert.pem", ds_host.pki.client), {"op": "ds_hello"})
+    good = ds_host.attempt(raw_client_context(site / "ca-cert.pem", ds_host.pki.client), {"op": "ds_hello"})
     assert json.loads(good)["ok"] is True
 
 
 @pytest.mark.parametrize("who", ["no client certificate", "certificate of another CA", "plaintext"])
 def test_clients_without_a_site_certificate_reach_no_op(ds_host: DatastoreHost, work: Path, who: str) -> None:
     site_ca, pki = ds_host.pki.site / "ca-cert.pem", ds_host.pki
-    context = {"no client certificate": client_context(site_ca, None),
-               "certificate of another CA": client_context(site_ca, pki.other / "a.test"),
+    context = {"no client certificate": raw_client_context(site_ca, None),
+               "certificate of another CA": raw_client_context(site_ca, pki.other / "a.test"),
                "plaintext": None}[who]
     target = work / f"disk0.raw{SUFFIX}"
-    answer = attempt(ds_host, context, {"op": "ds_create", "path": str(target), "size": 4096})
+    answer = ds_host.attempt(context, {"op": "ds_create", "path": str(target), "size": 4096})
     assert '"ok"' not in answer, answer
     assert not target.exists() and list(work.iterdir()) == []
     # The agent logs the refusal in the connection's thread, maybe after we saw the connection close.
