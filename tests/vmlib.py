@@ -43,9 +43,10 @@ def make_disk(path: Path, name: str, size: int) -> None:
 
 def make_vm(pool: AgentPool, tmp_path: Path, n_disks: int = 1, size: int = 32 * MiB, start: bool = True,
             inject: str | None = None, lease: float | None = None, listen: str | None = None,
-            extra_config: str = "", files: bool = True) -> AgentVM:
+            extra_config: str = "", files: bool = True, command_prefix: list[str] | None = None) -> AgentVM:
     """A VM of `n_disks` sparse disks under tmp_path/srcN and its agent (added to `pool`, started);
-    `files`: each disk with a sidecar and the VM with an nvram."""
+    `files`: each disk with a sidecar and the VM with an nvram; `command_prefix`: run the agent (and
+    so its nbdkit) under it, e.g. on a host of a netns lab (agent/netns.py `Host.argv([])`)."""
     n = len(pool.agents)
     src = tmp_path / f"src{n}"
     src.mkdir()
@@ -65,7 +66,7 @@ def make_vm(pool: AgentPool, tmp_path: Path, n_disks: int = 1, size: int = 32 * 
         f.write_bytes(os.urandom(8192))
     vm = AgentVM(root=tmp_path, state=state, disks=disks, name="vm1", config=tmp_path / f"agent{n}.toml",
                  sidecars=sidecars, files=nvram, lease=lease or None, listen=listen, pristine=pristine,
-                 extra_config=extra_config)
+                 extra_config=extra_config, command_prefix=command_prefix or [])
     vm.write_config()
     pool.add(vm)
     if start:

@@ -20,11 +20,12 @@ Design notes
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 from agentproc import AgentPool
 from remotelib import LAB_ADDRESSES, DatastoreHost, Pki, make_datastore_host, svmotion
+from vmlib import AgentVM, make_vm
 
 from agent.netns import Lab
 
@@ -65,5 +66,33 @@ def lab_ds_host(two_hosts: Lab, pki: Pki, tmp_path: Path) -> Iterator[DatastoreH
     pool = AgentPool()
     try:
         yield make_datastore_host(pool, tmp_path, pki, on=two_hosts["b"], clients_on=two_hosts["a"])
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def lab_vm(two_hosts: Lab, pki: Pki, tmp_path: Path) -> Iterator[Callable[..., AgentVM]]:
+    """Factory: a VM whose agent (and nbdkit) run on host a of `two_hosts`, with a's credentials.
+
+    `tls`: its [tls] table instead (e.g. "" for none, or another CA's directory)."""
+    pool = AgentPool()
+
+    def make(tls: str | None = None, **kwargs: Any) -> AgentVM:
+        table = f'[tls]\ndir = "{pki.lab(two_hosts["a"])}"\n' if tls is None else tls
+        return make_vm(pool, tmp_path, extra_config=table, command_prefix=two_hosts["a"].argv([]), **kwargs)
+
+    try:
+        yield make
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def lab_ds_hosts(two_hosts: Lab, pki: Pki, tmp_path: Path) -> Iterator[Callable[..., DatastoreHost]]:
+    """Factory: more datastore agents on host b (name="c", ... or a `tls` table of their own)."""
+    pool = AgentPool()
+    try:
+        yield lambda **kwargs: make_datastore_host(pool, tmp_path, pki, on=two_hosts["b"],
+                                                   clients_on=two_hosts["a"], **kwargs)
     finally:
         pool.close()

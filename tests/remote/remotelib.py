@@ -114,14 +114,18 @@ class DatastoreHost(AgentProcess):
 
 def make_datastore_host(pool: AgentPool, root: Path, pki: Pki, name: str = "b",
                         tls: str | None = None, on: Host | None = None,
-                        clients_on: Host | None = None) -> DatastoreHost:
+                        clients_on: Host | None = None, datastore: Path | None = None) -> DatastoreHost:
     """Write the config of a datastore host under `root` and start its agent (`tls`: its [tls] table).
 
     `on`: a host of a netns lab to run it in, listening on that host's address with that host's
     certificate; `clients_on`: the lab host its test clients connect from, with that host's certificate.
+    `datastore`: an existing directory to offer as ds1 (default: a new root/NAME-ds1). A mount
+    there must come first: `ip netns exec` gives the agent a mount namespace of its own, which
+    does not see later mounts on a machine whose mounts are private.
     """
-    datastore = root / f"{name}-ds1"
-    datastore.mkdir()
+    if datastore is None:
+        datastore = root / f"{name}-ds1"
+        datastore.mkdir()
     api_port, nbd_port = free_tcp_port(), free_tcp_port()    # free here, and surely on a fresh lab host
     address = on.address if on else "127.0.0.1"
     host = DatastoreHost(root=root, state=pool.state_dir("svr-"), disks={}, config=root / f"{name}.toml",

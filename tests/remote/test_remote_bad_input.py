@@ -1,6 +1,7 @@
 """Bad remote destinations: one line, a documented exit code, nothing changed on either host.
 
-A VM agent with the site's credentials asks for a destination that cannot be: a path outside
+Two hosts as network namespaces (fixture `two_hosts`): the VM's agent on a, datastore agents on
+b. A VM agent with the site's credentials asks for a destination that cannot be: a path outside
 every datastore of B (exit 3, B's refusal), an unknown host, a port where no agent listens, a
 B whose certificate names another host, a VM agent whose certificate comes from
 another CA or has expired, and one with no [tls] at all (exit 4: no conversation; exit 3:
@@ -12,14 +13,14 @@ from __future__ import annotations
 import datetime
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
-from agentproc import AgentPool, free_tcp_port
+from agentproc import free_tcp_port
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from remotelib import DatastoreHost, Pki, snapshot
-from vmlib import AgentVM, make_vm
+from vmlib import AgentVM
 
 from agent.certs import cert_pem, key_pem, make_host_cert, parse_host
 
@@ -27,13 +28,9 @@ MiB = 1024 * 1024
 
 
 @pytest.fixture
-def vm_with(tmp_path: Path) -> Iterator[Callable[[str], AgentVM]]:
-    """Factory: a 1-disk VM whose agent's config ends with `extra` (its [tls] table, or nothing)."""
-    pool = AgentPool()
-    try:
-        yield lambda extra: make_vm(pool, tmp_path, size=4 * MiB, files=False, extra_config=extra)
-    finally:
-        pool.close()
+def vm_with(lab_vm) -> Callable[..., AgentVM]:
+    """Factory: a 1-disk VM on host a; `tls`: its [tls] table instead of a's (or "" for none)."""
+    return lambda tls=None: lab_vm(tls=tls, size=4 * MiB, files=False)
 
 
 def expired_host_dir(site: Path, name: str, out: Path) -> Path:
@@ -63,40 +60,43 @@ def refused(vm: AgentVM, dest: str, code: int, *words: str) -> str:
     return out.stderr
 
 
-def test_a_path_outside_every_datastore(vm_with, ds_host: DatastoreHost, pki: Pki) -> None:
-    vm = vm_with(f'[tls]\ndir = "{pki.client}"\n')
-    before = snapshot(ds_host.datastore)
-    refused(vm, f"127.0.0.1:{ds_host.api_port}:/etc/vm1", 3, "outside every datastore", "ds1")
-    refused(vm, f"127.0.0.1:{ds_host.api_port}:{ds_host.datastore}/no-such-dir", 3, "does not exist")
-    assert snapshot(ds_host.datastore) == before
+def test_a_path_outside_every_datastore(vm_with, lab_ds_host: DatastoreHost) -> None:
+    b = lab_ds_host
+    vm = vm_with()
+    before = snapshot(b.datastore)
+    refused(vm, f"{b.address}:{b.api_port}:/etc/vm1", 3, "outside every datastore", "ds1")
+    refused(vm, f"{b.address}:{b.api_port}:{b.datastore}/no-such-dir", 3, "does not exist")
+    assert snapshot(b.datastore) == before
 
 
-def test_unreachable_destinations(vm_with, pki: Pki) -> None:
-    vm = vm_with(f'[tls]\ndir = "{pki.client}"\n')
+def test_unreachable_destinations(vm_with, two_hosts) -> None:
+    vm = vm_with()
     refused(vm, "no-such-host.invalid:/srv/ds1/vm1", 4, "no-such-host.invalid:9816", "unknown host")
-    port = free_tcp_port()
-    refused(vm, f"127.0.0.1:{port}:/srv/ds1/vm1", 4, f"127.0.0.1:{port}", "Connection refused")
+    b, port = two_hosts["b"].address, free_tcp_port()
+    refused(vm, f"{b}:{port}:/srv/ds1/vm1", 4, f"{b}:{port}", "Connection refused")
 
 
-def test_certificates_that_are_not_accepted(vm_with, ds_host: DatastoreHost, pki: Pki) -> None:
-    before = snapshot(ds_host.datastore)
-    dest = f"127.0.0.1:{ds_host.api_port}:{ds_host.datastore}"
-    # Our own certificate is from another CA: B refuses it.
-    vm = vm_with(f'[tls]\ndir = "{pki.other / "a.test"}"\n')
-    refused(vm, dest, 4, f"127.0.0.1:{ds_host.api_port}")
-    # B's certificate does not name the host we dialled (localhost, not 127.0.0.1).
-    vm = vm_with(f'[tls]\ndir = "{pki.client}"\n')
-    refused(vm, f"localhost:{ds_host.api_port}:{ds_host.datastore}", 4, "certificate is not accepted",
-            "mismatch")
+def test_certificates_that_are_not_accepted(vm_with, lab_ds_host: DatastoreHost, lab_ds_hosts, pki: Pki,
+                                            two_hosts) -> None:
+    b = lab_ds_host
+    before = snapshot(b.datastore)
+    dest = f"{b.address}:{b.api_port}:{b.datastore}"
+    # Our own certificate is from another CA: b refuses it.
+    refused(vm_with(f'[tls]\ndir = "{pki.other / two_hosts["a"].address}"\n'), dest, 4, f"{b.address}:{b.api_port}")
     # Without [tls] this agent cannot reach another host at all.
-    vm = vm_with("")
-    refused(vm, dest, 3, "needs [tls]")
-    assert snapshot(ds_host.datastore) == before
+    refused(vm_with(""), dest, 3, "needs [tls]")
+    assert snapshot(b.datastore) == before
+    # c, on b's address, has a certificate that names another host (127.0.0.1).
+    c = lab_ds_hosts(name="c", tls=f'[tls]\ndir = "{pki.server}"\n')
+    before = snapshot(c.datastore)
+    refused(vm_with(), f"{c.address}:{c.api_port}:{c.datastore}", 4, "certificate is not accepted", "mismatch")
+    assert snapshot(c.datastore) == before
 
 
-def test_an_expired_certificate(vm_with, ds_host: DatastoreHost, pki: Pki, tmp_path: Path) -> None:
-    expired = expired_host_dir(pki.site, "a.test", tmp_path / "expired")
-    before = snapshot(ds_host.datastore)
-    vm = vm_with(f'[tls]\ndir = "{expired}"\n')
-    refused(vm, f"127.0.0.1:{ds_host.api_port}:{ds_host.datastore}", 4, f"127.0.0.1:{ds_host.api_port}", "expired")
-    assert snapshot(ds_host.datastore) == before
+def test_an_expired_certificate(vm_with, lab_ds_host: DatastoreHost, pki: Pki, two_hosts, tmp_path: Path) -> None:
+    b = lab_ds_host
+    expired = expired_host_dir(pki.site, two_hosts["a"].address, tmp_path / "expired")
+    before = snapshot(b.datastore)
+    refused(vm_with(f'[tls]\ndir = "{expired}"\n'), f"{b.address}:{b.api_port}:{b.datastore}", 4,
+            f"{b.address}:{b.api_port}", "expired")
+    assert snapshot(b.datastore) == before

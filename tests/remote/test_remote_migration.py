@@ -1,8 +1,12 @@
-"""Migrations to another host's datastore and back, on loopback: the phases over `ds_*` ops and NBD with TLS.
+"""Migrations from host a to a datastore on host b and back: the phases over `ds_*` ops and NBD with TLS.
 
-Both agents run here on 127.0.0.1 (the two-host tests in network namespaces are
-test_two_hosts_migration.py): what this file shows is the phase engine's use of a remote
-destination, file by file, under the verifying writer.
+Two hosts are network namespaces joined by a veth (agent/netns.py, fixture `two_hosts`): the
+VM's agent and its nbdkit run on a (198.18.0.1), the datastore agent and its export on b
+(198.18.0.2), each with its own certificate of the site CA. The verifying writer reaches the VM
+over its Unix socket. Faults: b's link going down (the veth, no reset) during the bulk copy,
+b's agent SIGKILLed during the dirty copy, b's datastore full; each fails the migration
+cleanly, the guest sees no error, the source stays intact, and b is cleaned up (at once, or at
+the next contact when b did not answer).
 """
 from __future__ import annotations
 
@@ -11,45 +15,40 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
-from agentproc import AgentPool
-from remotelib import DatastoreHost, Pki
-from vmlib import AgentVM, make_vm
+from remotelib import DatastoreHost
 
-from agent.writer import file_digest
+from agent.writer import VerifyingWriter, file_digest
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def tls_vm(tmp_path: Path, pki: Pki) -> Iterator[Callable[..., AgentVM]]:
-    """Factory: a VM whose agent has the site's credentials (a.test), so it can reach datastores."""
-    pool = AgentPool()
-    try:
-        yield lambda **kwargs: make_vm(pool, tmp_path, extra_config=f'[tls]\ndir = "{pki.client}"\n', **kwargs)
-    finally:
-        pool.close()
 
 
 def remote_dir(host: DatastoreHost, name: str) -> tuple[Path, str]:
     """A new directory in the host's datastore, and the --dest that names it."""
     where = host.datastore / name
     where.mkdir()
-    return where, f"127.0.0.1:{host.api_port}:{where}"
+    return where, f"{host.address}:{host.api_port}:{where}"
 
 
 def partials(where: Path) -> list[str]:
     return sorted(p.name for p in where.iterdir() if ".svmotion-partial" in p.name)
 
 
+def assert_model(writer: VerifyingWriter, images: dict[str, Path], where: str) -> None:
+    """Each disk's image equals the stopped writer's model of it."""
+    for disk, image in images.items():
+        bad = writer.verify_image(disk, image)
+        assert not bad, f"{disk} {where}: {len(bad)} bad blocks, first {writer.describe(disk, bad[0])}"
+
+
 @pytest.mark.parametrize("mirror", ["sync", "dirty"])
 @pytest.mark.parametrize("strategy", ["optimized", "legacy"])
-def test_there_and_back_under_writer(tls_vm, ds_host: DatastoreHost, tmp_path: Path, strategy: str,
+def test_there_and_back_under_writer(lab_vm, lab_ds_host: DatastoreHost, tmp_path: Path, strategy: str,
                                      mirror: str) -> None:
-    vm = tls_vm(n_disks=1, size=32 * MiB, files=False)     # files come back from a datastore not yet
-    there, dest = remote_dir(ds_host, f"vm-{strategy}-{mirror}")
+    vm = lab_vm(n_disks=1, size=32 * MiB, files=False)     # files come back from a datastore not yet
+    there, dest = remote_dir(lab_ds_host, f"vm-{strategy}-{mirror}")
     back = tmp_path / "back"
     back.mkdir()
     writer = vm.writer(rate=2 * MiB)
@@ -64,7 +63,7 @@ def test_there_and_back_under_writer(tls_vm, ds_host: DatastoreHost, tmp_path: P
         kinds = [s["kind"] for s in record["stuns"] if s.get("outcome") == "released"]
         assert kinds == ["mirror_install", "switchover"]
         served = vm.plugin("status")["disks"]["disk0"]["path"]
-        assert served.startswith(f"nbds://127.0.0.1:{ds_host.nbd_port}/ds1-"), served
+        assert served.startswith(f"nbds://{lab_ds_host.address}:{lab_ds_host.nbd_port}/ds1-"), served
         source_digest = file_digest(vm.disks["disk0"])
         moved = writer.snapshot().writes
         time.sleep(0.5)
@@ -80,13 +79,12 @@ def test_there_and_back_under_writer(tls_vm, ds_host: DatastoreHost, tmp_path: P
         report = writer.stop()
     assert not report.errors, report.errors
     assert report.writes > moved > 0
-    bad = writer.verify_image("disk0", back / "disk0.raw")
-    assert not bad, f"{len(bad)} bad blocks back home, first {writer.describe('disk0', bad[0])}"
+    assert_model(writer, {"disk0": back / "disk0.raw"}, "back home")
 
 
-def test_four_disks_with_files_and_sidecars(tls_vm, ds_host: DatastoreHost) -> None:
-    vm = tls_vm(n_disks=4, size=16 * MiB)
-    there, dest = remote_dir(ds_host, "vm-four")
+def test_four_disks_with_files_and_sidecars(lab_vm, lab_ds_host: DatastoreHost) -> None:
+    vm = lab_vm(n_disks=4, size=16 * MiB)
+    there, dest = remote_dir(lab_ds_host, "vm-four")
     writer = vm.writer(rate=1 * MiB)
     writer.start()
     try:
@@ -97,38 +95,35 @@ def test_four_disks_with_files_and_sidecars(tls_vm, ds_host: DatastoreHost) -> N
     finally:
         report = writer.stop()
     assert not report.errors, report.errors
-    for d in vm.disks:
-        bad = writer.verify_image(d, there / f"{d}.raw")
-        assert not bad, f"{d}: {len(bad)} bad blocks on B, first {writer.describe(d, bad[0])}"
+    assert_model(writer, {d: there / f"{d}.raw" for d in vm.disks}, "on b")
     for f in vm.files + [s for side in vm.sidecars.values() for s in side]:
         assert (there / f.name).read_bytes() == f.read_bytes()
     assert partials(there) == []
     # What the agent remembers: disks at B's exports, files as HOST:PORT:/path.
     paths = json.loads((vm.state / "vm1.paths.json").read_text())
-    assert all(u.startswith("nbds://127.0.0.1:") for u in paths["disks"].values()), paths
-    assert paths["files"] == [f"127.0.0.1:{ds_host.api_port}:{there}/vm1.nvram"]
+    assert all(u.startswith(f"nbds://{lab_ds_host.address}:") for u in paths["disks"].values()), paths
+    assert paths["files"] == [f"{lab_ds_host.address}:{lab_ds_host.api_port}:{there}/vm1.nvram"]
 
 
 @pytest.fixture
-def small_datastore(datastore_host) -> Iterator[tuple[DatastoreHost, Path]]:
-    """A datastore host whose directory `small` is a 16 MiB tmpfs (unmounted after)."""
-    host = datastore_host()
-    small = host.datastore / "small"
+def small_datastore(lab_ds_hosts, tmp_path: Path) -> Iterator[tuple[DatastoreHost, Path]]:
+    """A datastore host on b whose datastore is a 16 MiB tmpfs (unmounted after)."""
+    small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "svmotion-test", str(small)], check=True)
     try:
-        yield host, small
+        yield lab_ds_hosts(datastore=small), small
     finally:
         subprocess.run(["umount", "-l", str(small)], check=True)
 
 
-def test_a_full_datastore_fails_the_migration_cleanly(tls_vm, small_datastore) -> None:
+def test_a_full_datastore_fails_the_migration_cleanly(lab_vm, small_datastore) -> None:
     host, small = small_datastore
-    vm = tls_vm(n_disks=1, size=32 * MiB, inject="hold:DiskCopy=3")
+    vm = lab_vm(n_disks=1, size=32 * MiB, inject="hold:DiskCopy=3")
     writer = vm.writer(rate=1 * MiB)
     writer.start()
     try:
-        out = vm.cli_background("migrate", vm.name, "--dest", f"127.0.0.1:{host.api_port}:{small}", "--json")
+        out = vm.cli_background("migrate", vm.name, "--dest", f"{host.address}:{host.api_port}:{small}", "--json")
         vm.wait_phase("DiskCopy")
         # The partials are made: leave B 1 MiB, less than the 7 MiB the bulk copy writes.
         free = os.statvfs(small).f_bavail * os.statvfs(small).f_frsize
@@ -142,16 +137,15 @@ def test_a_full_datastore_fails_the_migration_cleanly(tls_vm, small_datastore) -
     assert record["state"] == "failed" and record["phase"] == "Cleanup"
     assert "No space left on device" in record["error"] or "space" in record["error"], record["error"]
     assert not report.errors, report.errors        # the guest never saw the destination's trouble
-    bad = writer.verify_image("disk0", vm.disks["disk0"])
-    assert not bad, f"source: {len(bad)} bad blocks, first {writer.describe('disk0', bad[0])}"
+    assert_model(writer, vm.disks, "at the source")
     assert sorted(p.name for p in small.iterdir()) == ["filler"]
     assert vm.plugin("status")["disks"]["disk0"]["path"] == str(vm.disks["disk0"])
 
 
 def test_a_killed_destination_agent_fails_the_migration_and_its_partials_go_at_the_next_contact(
-        tls_vm, datastore_host) -> None:
-    host = datastore_host()
-    vm = tls_vm(n_disks=2, size=16 * MiB, inject="hold:CopyDirtyData=3")
+        lab_vm, lab_ds_hosts) -> None:
+    host = lab_ds_hosts()
+    vm = lab_vm(n_disks=2, size=16 * MiB, inject="hold:CopyDirtyData=3")
     first, dest = remote_dir(host, "first")
     writer = vm.writer(rate=1 * MiB)
     writer.start()
@@ -167,14 +161,12 @@ def test_a_killed_destination_agent_fails_the_migration_and_its_partials_go_at_t
         report = writer.stop()
     assert not report.errors, report.errors
     assert record["state"] == "failed"
-    assert f"cannot talk to the agent at 127.0.0.1:{host.api_port}" in record["error"], record["error"]
+    assert f"cannot talk to the agent at {host.address}:{host.api_port}" in record["error"], record["error"]
     assert "stay there until the next migration to it removes them" in record["error"], record["error"]
     assert "\n" not in record["error"]
     left = sorted(Path(p).name for p in record["left_partials"])
     assert left == [p for p in partials(first) if not p.endswith(".json")] and len(left) == 5, left
-    for d in vm.disks:
-        bad = writer.verify_image(d, vm.disks[d])
-        assert not bad, f"source of {d}: {len(bad)} bad blocks"
+    assert_model(writer, vm.disks, "at the source")
     # B's agent comes back; the next migration to B (another directory) removes what was left first.
     host.start()
     _, dest2 = remote_dir(host, "second")
@@ -184,11 +176,11 @@ def test_a_killed_destination_agent_fails_the_migration_and_its_partials_go_at_t
     assert not (vm.state / "leftovers.json").exists() or json.loads((vm.state / "leftovers.json").read_text()) == {}
 
 
-def test_from_one_host_to_another_and_an_abort_there(tls_vm, ds_host: DatastoreHost, datastore_host) -> None:
+def test_from_one_host_to_another_and_an_abort_there(lab_vm, lab_ds_host: DatastoreHost, lab_ds_hosts) -> None:
     """Remote to remote: B's export is the source, C's the destination; then an abort on C's way."""
-    other = datastore_host(name="c")
-    vm = tls_vm(n_disks=2, size=16 * MiB, files=False, inject="pause:CopyDirtyData")
-    on_b, to_b = remote_dir(ds_host, "hop")
+    other = lab_ds_hosts(name="c")
+    vm = lab_vm(n_disks=2, size=16 * MiB, files=False, inject="pause:CopyDirtyData")
+    on_b, to_b = remote_dir(lab_ds_host, "hop")
     on_c, to_c = remote_dir(other, "hop")
     writer = vm.writer(rate=1 * MiB)
     writer.start()
@@ -203,16 +195,49 @@ def test_from_one_host_to_another_and_an_abort_there(tls_vm, ds_host: DatastoreH
         assert partials(on_c) == []
         vm.kill_agent()                  # the agent goes, nbdkit and the writer stay
         vm.start()                       # without the pause
-        for dest, served in ((to_b, ds_host), (to_c, other)):
+        for dest, served in ((to_b, lab_ds_host), (to_c, other)):
             done = vm.cli("migrate", vm.name, "--dest", dest, "--json")
             assert done.returncode == 0, done.stderr + vm.log_text()
-            assert all(d["path"].startswith(f"nbds://127.0.0.1:{served.nbd_port}/")
+            assert all(d["path"].startswith(f"nbds://{served.address}:{served.nbd_port}/")
                        for d in vm.plugin("status")["disks"].values())
         time.sleep(0.3)
     finally:
         report = writer.stop()
     assert not report.errors, report.errors
-    for d in vm.disks:
-        bad = writer.verify_image(d, on_c / f"{d}.raw")
-        assert not bad, f"{d}: {len(bad)} bad blocks on C, first {writer.describe(d, bad[0])}"
+    assert_model(writer, {d: on_c / f"{d}.raw" for d in vm.disks}, "on c")
     assert partials(on_b) == [] and partials(on_c) == []
+
+
+def test_a_dead_link_during_the_bulk_copy(lab_vm, lab_ds_host: DatastoreHost, two_hosts) -> None:
+    """b's end of the veth goes down (no reset: a pulled cable) while the bulk copy runs."""
+    vm = lab_vm(n_disks=1, size=32 * MiB)
+    first, dest = remote_dir(lab_ds_host, "first")
+    writer = vm.writer(rate=1 * MiB)
+    writer.start()
+    try:
+        # 7 MiB of data at 2 MiB/s: the bulk copy lasts seconds.
+        out = vm.cli_background("migrate", vm.name, "--dest", dest, "--rate", "2M", "--json")
+        vm.wait_phase("DiskCopy")
+        two_hosts["b"].link_down()
+        try:
+            stdout, stderr = out.communicate(timeout=120)
+            record = json.loads(stdout)
+            assert out.returncode == 5, stderr
+            assert vm.plugin("status")["disks"]["disk0"]["path"] == str(vm.disks["disk0"])
+        finally:
+            two_hosts["b"].link_up()
+        time.sleep(0.3)
+    finally:
+        report = writer.stop()
+    assert not report.errors, report.errors     # the guest saw no error, and no stall past the lease
+    assert report.max_latency < 2.0, report.max_latency          # the default lease
+    assert record["state"] == "failed" and "\n" not in record["error"]
+    assert lab_ds_host.address in record["error"], record["error"]
+    assert "stay there until the next migration to it removes them" in record["error"], record["error"]
+    assert_model(writer, vm.disks, "at the source")
+    assert partials(first), "b did not answer: its partials are still there"
+    # The link is back: the next migration to b removes them first.
+    _, dest2 = remote_dir(lab_ds_host, "second")
+    done = vm.cli("migrate", vm.name, "--dest", dest2, "--json")
+    assert done.returncode == 0, done.stderr + vm.log_text()
+    assert partials(first) == []
