@@ -263,8 +263,7 @@ class Agent:
         log.warning("vm %s: resuming migration %s at %s (the agent stopped in %s)", vm.name,
                     journal["id"], resume_at, journal["phase"])
         migration = Migration.from_journal(vm, lambda: self.nodes[vm.name].client(timeout=60.0), journal,
-                                           resume_at, self._destdir(journal["options"]["dest"]), on_done=self._migration_done, injection=self._injection,
-                                           save_journal=self._journal_writer(vm), nbd=self._nbd)
+                                           resume_at, self._destdir(journal["options"]["dest"]), **self._job_args(vm))
         with self._lock:
             self.migrations[vm.name] = migration
         migration.start()
@@ -434,9 +433,8 @@ class Agent:
             raise Refused(f"the mirror node of VM {vm.name!r} is not running; see {node.log_file}")
         with node.client(timeout=10.0) as c:
             hello = c.call("hello")
-        migration = Migration(vm, lambda: node.client(timeout=60.0), paths, options,
-                              self._destdir(options.dest), on_done=self._migration_done, injection=self._injection,
-                              save_journal=self._journal_writer(vm), nbd=self._nbd)
+        migration = Migration(vm, lambda: node.client(timeout=60.0), paths, options, self._destdir(options.dest),
+                              **self._job_args(vm))
         try:
             migration.validate(hello)
         except BaseException:
@@ -454,6 +452,11 @@ class Agent:
         log.info("vm %s: migration %s to %s started (%s, mirror %s)", vm.name, migration.id,
                  options.dest, options.strategy, options.mirror)
         return {"migration": migration.to_dict(samples=False)}
+
+    def _job_args(self, vm: VmConfig) -> dict[str, Any]:
+        """What every migration job of `vm` gets besides its request (agent/phases.py Migration)."""
+        return {"on_done": self._migration_done, "injection": self._injection,
+                "save_journal": self._journal_writer(vm), "nbd": self._nbd, "open_place": self._destdir}
 
     def _destdir(self, dest: str) -> DestDir:
         """A migration's destination directory, here or at another host (agent/destdir.py)."""

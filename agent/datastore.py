@@ -5,8 +5,9 @@ Design notes
   never the local VM ops. They are what the phases of a migration need at a remote destination
   (docs/interfaces.md, section 4b): DiskSetup `ds_check`, DiskCreate `ds_create`, FileCreate and
   sidecars `ds_write_file`, DiskCopyDone `ds_rename`, Cleanup `ds_remove`, DiskLoad and verify
-  `ds_digests` (only digests cross the network), durability `ds_fsync`, and `ds_export` to serve
-  an existing file over NBD.
+  `ds_digests` (only digests cross the network), durability `ds_fsync`, `ds_stat` (space, sizes),
+  `ds_read_file` (files a migration brings back), and `ds_export` to serve an existing file
+  over NBD.
 - Confinement. Every path is absolute and must lie in a configured datastore. It is walked from
   the datastore's root (resolved with realpath once, at start) one component at a time with
   O_NOFOLLOW|O_DIRECTORY, and the last component is then used relative to that directory fd
@@ -444,6 +445,22 @@ class DatastoreService:
             finally:
                 backend.close()
         return {"digests": blob.hex(), "size": size, "count": count}
+
+    @takes(path=PATH, offset=Arg(int, 0, within(0, 1 << 62)),
+           count=Arg(int, MAX_WRITE_BYTES, within(0, MAX_WRITE_BYTES)))
+    def op_ds_read_file(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A piece of a regular file (base64 `data`, short at its end) and the file's stat: the per-VM
+        files and sidecars a migration brings back from this datastore."""
+        with self.place(request["path"]) as where:
+            fd = _open_regular(where, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                data = os.pread(fd, request["count"], request["offset"])
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+        return {"data": base64.b64encode(data).decode(),
+                "stat": {"st_mode": st.st_mode, "st_size": st.st_size, "st_dev": st.st_dev, "st_ino": st.st_ino,
+                         "st_mtime_ns": st.st_mtime_ns, "st_ctime_ns": st.st_ctime_ns}}
 
     @takes(dir=PATH, names=Arg(list, [], _plain_names))
     def op_ds_stat(self, request: dict[str, Any]) -> dict[str, Any]:

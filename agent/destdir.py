@@ -33,7 +33,7 @@ from agent import partial
 from agent.config import TlsConfig
 from agent.errors import Refused, SvmotionError
 from agent.partial import Identity
-from agent.plan import Destination, free_bytes, human_bytes, partial_name
+from agent.plan import Destination, free_bytes, human_bytes, parse_destination, partial_name
 from agent.remote import RemoteAgent, RemoteUnreachable, host_port, nbd_uri
 from nbd_plugin.durable import replace_json
 
@@ -392,11 +392,68 @@ class DatastoreDir:
     def remove(self, path: str) -> None:
         self.call("ds_remove", path=path)
 
+    def read_file(self, path: str, offset: int, count: int) -> tuple[bytes, "SourceStat"]:
+        """A piece of a file of the datastore (a source file there), and the file's stat."""
+        reply = self.call("ds_read_file", path=path, offset=offset, count=count)
+        return base64.b64decode(reply["data"]), SourceStat(**reply["stat"])
+
     def close(self) -> None:
         with self._lock:
             if self._agent is not None:
                 self._agent.close()
                 self._agent = None
+
+
+@dataclass(frozen=True)
+class SourceStat:
+    """The stat of a file on another host, as agent/files.py reads a stat result."""
+
+    st_mode: int
+    st_size: int
+    st_dev: int
+    st_ino: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+
+
+@dataclass
+class _RemoteHandle:
+    path: str
+    offset: int = 0
+
+
+class DatastoreFiles:
+    """Source files on another host's datastore, read through its agent (agent/files.py FileSource)."""
+
+    def __init__(self, where: DatastoreDir):
+        self._where = where
+
+    def stat(self, path: str) -> SourceStat:
+        return self._where.read_file(_path_of(path), 0, 0)[1]
+
+    def open(self, path: str) -> _RemoteHandle:
+        return _RemoteHandle(_path_of(path))
+
+    def fstat(self, handle: _RemoteHandle) -> SourceStat:
+        return self._where.read_file(handle.path, 0, 0)[1]
+
+    def read(self, handle: _RemoteHandle, n: int) -> bytes:
+        data, _ = self._where.read_file(handle.path, handle.offset, min(n, WRITE_PIECE))
+        handle.offset += len(data)
+        return data
+
+    def close(self, handle: _RemoteHandle) -> None:
+        pass
+
+
+def _path_of(remote: str) -> str:
+    """The path on its host of a HOST:PORT:/path source."""
+    return parse_destination(remote).path
+
+
+def on_other_host(path: str) -> bool:
+    """A file an earlier migration put on another host is recorded as HOST[:PORT]:/path (planned_paths)."""
+    return not path.startswith("/")
 
 
 class Leftovers:

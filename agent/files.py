@@ -39,7 +39,10 @@ Design notes
   the stun loses what it writes after the cut, as it would writing a source disk after
   switchover: nothing here can hold it.
 - Where copies go: `writer` opens a partial for writing, in this host's file system by default,
-  or at another host's datastore (agent/destdir.py).
+  or at another host's datastore (agent/destdir.py). Where sources come from: `source` gives
+  each source path's FileSource, this host's by default; a file an earlier migration put on
+  another host (HOST:PORT:/path) is read through that host's agent, by the same rules (nothing
+  on this host writes it, so its copies are stable).
 - Durability: copies are not fsynced here (the cut must stay short); the engine fsyncs the
   partials at DiskCopyDone, outside any stun, before renaming them.
 - One migration thread owns a FileMirror; it has no lock.
@@ -51,7 +54,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 from agent.destdir import FileWriter, local_file_writer
 from agent.errors import EXIT_FAILED, SvmotionError
@@ -134,7 +137,39 @@ class FileSync:
                                f"stun ({COPY_ATTEMPTS} copies); the VM must not write it during the stun")
 
 
-def identity(st: os.stat_result) -> Identity:
+class FileSource(Protocol):
+    """Where sources are read: this host's files (LocalFiles), or another host's datastore
+    (agent/destdir.py DatastoreFiles). The calls of the os module, by path and by handle."""
+
+    def stat(self, path: str) -> Any: ...
+
+    def open(self, path: str) -> Any: ...
+
+    def fstat(self, handle: Any) -> Any: ...
+
+    def read(self, handle: Any, n: int) -> bytes: ...
+
+    def close(self, handle: Any) -> None: ...
+
+
+class LocalFiles:
+    """This host's files."""
+
+    stat = staticmethod(os.stat)
+    fstat = staticmethod(os.fstat)
+    read = staticmethod(os.read)
+    close = staticmethod(os.close)
+
+    @staticmethod
+    def open(path: str) -> int:
+        # O_NONBLOCK: a FIFO put in the file's place must not hang the migration.
+        return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+LOCAL_FILES = LocalFiles()
+
+
+def identity(st: Any) -> Identity:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
@@ -152,10 +187,12 @@ class FileMirror:
 
     def __init__(self, files: Iterable[tuple[str, str, str]],
                  after_read: Callable[[str], None] | None = None,
-                 writer: Callable[[str], FileWriter] = local_file_writer):
+                 writer: Callable[[str], FileWriter] = local_file_writer,
+                 source: Callable[[str], FileSource] = lambda path: LOCAL_FILES):
         self._files = {source: MirroredFile(source, final, what) for source, final, what in files}
         self._after_read = after_read
         self._writer = writer
+        self._source = source
 
     def partials(self, sources: Iterable[str] | None = None, copied: bool = False) -> list[str]:
         """The partial destination paths of `sources` (default: all); `copied`: only those copied."""
@@ -184,7 +221,7 @@ class FileMirror:
         """Does the source differ from what the partial holds? Cheap unless small or racy."""
         v = f.version
         assert v is not None
-        st = self._on_source(f, os.stat, f.source)
+        st = self._on_source(f, self._source(f.source).stat, f.source)
         if identity(st) != v.identity:
             return True
         if st.st_size > CONTENT_CHECK_BYTES and max(st.st_mtime_ns, st.st_ctime_ns) < v.read_ns - RACY_MARGIN_NS:
@@ -219,25 +256,25 @@ class FileMirror:
     def _read(self, f: MirroredFile, sink: FileWriter | None = None) -> _Read:
         """Read the source (into `sink` if given), digesting it; identities around the read."""
         started = time.time_ns()
-        # O_NONBLOCK: a FIFO put in the file's place must not hang the migration.
-        fd = self._on_source(f, os.open, f.source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        source = self._source(f.source)
+        fd = self._on_source(f, source.open, f.source)
         try:
-            before = self._on_source(f, os.fstat, fd)
+            before = self._on_source(f, source.fstat, fd)
             if not stat.S_ISREG(before.st_mode):
                 raise FileMirrorError(f"{f.what} {f.source!r} is no longer a regular file; put the file back "
                                       f"and migrate again")
             digest, length = hashlib.sha256(), 0
-            while data := self._on_source(f, os.read, fd, PIECE):
+            while data := self._on_source(f, source.read, fd, PIECE):
                 digest.update(data)
                 length += len(data)
                 if sink is not None:
                     sink.write(data)             # a destination error propagates as it is
             if self._after_read is not None:
                 self._after_read(f.source)
-            after = self._on_source(f, os.fstat, fd)
+            after = self._on_source(f, source.fstat, fd)
         finally:
-            os.close(fd)
-        path_after = self._on_source(f, os.stat, f.source)
+            source.close(fd)
+        path_after = self._on_source(f, source.stat, f.source)
         return _Read(identity(before), identity(after), identity(path_after), before.st_mode, length,
                      digest.digest(), started)
 
@@ -245,10 +282,11 @@ class FileMirror:
         """`call(*args)` on the source; its failure means the file is lost to the migration."""
         try:
             return call(*args)
-        except OSError as err:
+        except (OSError, SvmotionError) as err:      # SvmotionError: the source's host (FileSource)
             raise self._lost(f, err) from None
 
     @staticmethod
-    def _lost(f: MirroredFile, err: OSError) -> FileMirrorError:
-        return FileMirrorError(f"{f.what} {f.source!r} can no longer be read ({err.strerror or err}); it must "
+    def _lost(f: MirroredFile, err: Exception) -> FileMirrorError:
+        why = getattr(err, "strerror", None) or err
+        return FileMirrorError(f"{f.what} {f.source!r} can no longer be read ({why}); it must "
                                f"stay in place until the migration ends: restore it and migrate again")

@@ -62,11 +62,12 @@ from typing import Any, Callable
 
 from agent import metrics, partial
 from agent.config import VmConfig
-from agent.destdir import DestDir, remove_created
+from agent.destdir import DatastoreDir, DatastoreFiles, DestDir, on_other_host, remove_created
 from agent.errors import Refused, SvmotionError
-from agent.files import FileMirror, FileSync, FileUnstable
+from agent.files import LOCAL_FILES, FileMirror, FileSource, FileSync, FileUnstable
 from agent.jsonlines import JsonLinesClient, RemoteError
-from agent.plan import DiskPlan, MigrationOptions, growth_room_needed, human_bytes, partial_name, plan_migration
+from agent.plan import (DiskPlan, MigrationOptions, growth_room_needed, human_bytes, parse_destination,
+                        partial_name, plan_migration)
 from agent.supervisor import process_start_time
 from agent.verify import VerifyError, verify_disks
 from nbd_plugin.backend import is_nbd_uri
@@ -140,13 +141,16 @@ class Migration:
     def __init__(self, vm: VmConfig, connect: Callable[[], JsonLinesClient], paths: dict[str, Any],
                  options: MigrationOptions, dest: DestDir, on_done: Callable[["Migration"], None] | None = None,
                  injection: Injection | None = None,
-                 save_journal: Callable[[dict[str, Any]], None] | None = None, nbd: NbdOptions | None = None):
+                 save_journal: Callable[[dict[str, Any]], None] | None = None, nbd: NbdOptions | None = None,
+                 open_place: Callable[[str], DestDir] | None = None):
         self.vm = vm
         self._connect = connect
         self.paths = paths          # current {"disks": {name: path}, "files": [...], "sidecars": {...}}
         self.options = options
         self.dest = dest                                  # where to (agent/destdir.py): here or another host
         self._nbd = nbd                                   # how to read a source on another host (verify)
+        self._open_place = open_place                     # another host's datastore, for files there
+        self._sources: dict[str, DatastoreDir] = {}       # the hosts source files are read from
         self._on_done = on_done
         self._inject = injection if injection is not None else Injection.from_env()
         self.id = uuid.uuid4().hex[:12]
@@ -331,7 +335,8 @@ class Migration:
                      f"files stay there until the next migration to it removes them")
         if self.verification is not None and self.verification["result"] != "match":
             result, error = "failed", self.verification["error"]
-        self.dest.close()
+        for place in [self.dest, *self._sources.values()]:
+            place.close()
         self.state, self.error, self.ended = result, error, time.time()
         metrics.set_phase(self.vm.name, None)
         metrics.count_migration(self.vm.name, result)
@@ -565,8 +570,8 @@ class Migration:
         if self.options.delete_source and verified:
             for path in [d.source for d in self.plan] + [s for s, _ in self.files] + \
                         [s for d in self.plan for s, _ in d.sidecars]:
-                if is_nbd_uri(path):
-                    # A datastore never deletes a finished disk for a peer (agent/datastore.py).
+                if is_nbd_uri(path) or on_other_host(path):
+                    # A datastore never deletes a finished file for a peer (agent/datastore.py).
                     self.warnings.append(f"delete source {path}: kept, it is on another host; delete it there")
                     continue
                 try:
@@ -633,8 +638,22 @@ class Migration:
         if self._files is None:
             sidecars = [(s, f, f"sidecar of disk {d.name!r}") for d in self.plan for s, f in d.sidecars]
             self._files = FileMirror([(s, f, "per-VM file") for s, f in self.files] + sidecars,
-                                     writer=self.dest.file_writer)
+                                     writer=self.dest.file_writer, source=self._file_source)
         return self._files
+
+    def _file_source(self, path: str) -> FileSource:
+        """Where a source file is read: here, or through the agent of the host an earlier migration put it on."""
+        if not on_other_host(path):
+            return LOCAL_FILES
+        where = parse_destination(path)
+        key = f"{where.host}:{where.port}"
+        if key not in self._sources:
+            if self._open_place is None:
+                raise MigrationFailed(f"{path!r} is on another host and this job cannot reach it")
+            place = self._open_place(path)
+            assert isinstance(place, DatastoreDir)
+            self._sources[key] = place
+        return DatastoreFiles(self._sources[key])
 
     def _creating(self, path: str, create: Callable[[], str]) -> str:
         """Create a destination object, recorded for the rollback first: a create whose reply was

@@ -212,13 +212,10 @@ def plan_migration(vm: VmConfig, paths: dict[str, Any], hello: dict[str, Any], o
         return final
 
     def existing(path: str, what: str) -> str:
-        if is_nbd_uri(path):
-            return path           # a disk served from another host's export: the mirror node reads it
-        if not path.startswith("/"):
-            # HOST:/path, where an earlier migration put it (Migration.planned_paths).
-            raise Refused(f"source {what} {path!r} is on another host: per-VM files and sidecars are only "
-                          f"migrated from this host's storage (not yet back from a datastore); copy it here "
-                          f"and fix the agent's configuration")
+        if is_nbd_uri(path) or not path.startswith("/"):
+            # A disk served from another host's export (the mirror node reads it), or a file an
+            # earlier migration put on another host as HOST:PORT:/path (read through its agent).
+            return path
         if not os.path.isfile(path):
             raise Refused(f"source {what} {path!r} is missing; restore it or fix the agent's configuration")
         return path
@@ -270,6 +267,6 @@ def free_bytes(path: str) -> int:
 
 
 def allocated_bytes(sources: list[str]) -> int:
-    """What the sources hold now, the least a destination must have free. A disk served from
-    another host's export counts nothing here: only the switchover's room check sees its growth."""
-    return sum(os.stat(p).st_blocks * 512 for p in sources if not is_nbd_uri(p))
+    """What the sources hold now, the least a destination must have free. What is on another
+    host (an export, a file there) counts nothing here: the switchover's room check sees disks."""
+    return sum(os.stat(p).st_blocks * 512 for p in sources if p.startswith("/"))

@@ -56,7 +56,7 @@ def test_a_client_with_a_site_certificate_is_served(ds_host: DatastoreHost) -> N
     assert hello["datastores"][0]["path"] == str(ds_host.datastore) and hello["datastores"][0]["free_bytes"] > 0
     assert hello["nbd_port"] == ds_host.nbd_port
     assert set(hello["ops"]) == {"ds_check", "ds_create", "ds_digests", "ds_export", "ds_fsync", "ds_hello",
-                                 "ds_remove", "ds_rename", "ds_stat", "ds_write_file"}
+                                 "ds_read_file", "ds_remove", "ds_rename", "ds_stat", "ds_write_file"}
     site = ds_host.pki.site
     good = ds_host.attempt(raw_client_context(site / "ca-cert.pem", ds_host.pki.client), {"op": "ds_hello"})
     assert json.loads(good)["ok"] is True

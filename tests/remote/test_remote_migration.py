@@ -47,7 +47,7 @@ def assert_model(writer: VerifyingWriter, images: dict[str, Path], where: str) -
 @pytest.mark.parametrize("strategy", ["optimized", "legacy"])
 def test_there_and_back_under_writer(lab_vm, lab_ds_host: DatastoreHost, tmp_path: Path, strategy: str,
                                      mirror: str) -> None:
-    vm = lab_vm(n_disks=1, size=32 * MiB, files=False)     # files come back from a datastore not yet
+    vm = lab_vm(n_disks=1, size=32 * MiB)
     there, dest = remote_dir(lab_ds_host, f"vm-{strategy}-{mirror}")
     back = tmp_path / "back"
     back.mkdir()
@@ -74,6 +74,10 @@ def test_there_and_back_under_writer(lab_vm, lab_ds_host: DatastoreHost, tmp_pat
                      "--json")
         assert out.returncode == 0, out.stderr + vm.log_text()
         assert vm.plugin("status")["disks"]["disk0"]["path"] == str(back / "disk0.raw")
+        # The nvram and the sidecar came back from b too, read through b's agent.
+        for f in vm.files + vm.sidecars["disk0"]:
+            assert (back / f.name).read_bytes() == f.read_bytes() == (there / f.name).read_bytes()
+        assert json.loads((vm.state / "vm1.paths.json").read_text())["files"] == [str(back / "vm1.nvram")]
         time.sleep(0.3)
     finally:
         report = writer.stop()
