@@ -233,6 +233,7 @@ OPS = {
     "ds_digests": {},
     "ds_fsync": {},
     "ds_export": {},
+    "ds_read_file": {},
 }
 
 
@@ -250,9 +251,10 @@ def test_no_op_reaches_outside_a_datastore(ds_host: DatastoreHost, work: Path, t
                    for p in (ds_host.state / "exports").iterdir())
 
 
+@pytest.mark.parametrize("op", ["ds_check", "ds_stat"])
 @pytest.mark.parametrize("attack", ["dotdot", "elsewhere", "twin prefix", "symlinked directory", "relative"])
-def test_ds_check_stays_inside_too(ds_host: DatastoreHost, work: Path, trap, attack: str) -> None:
+def test_ops_on_a_directory_stay_inside_too(ds_host: DatastoreHost, work: Path, trap, attack: str, op: str) -> None:
     directory = os.path.dirname(ATTACKS[attack](ds_host, work)) or "."
     before = trap()
-    refused(ds_host, "ds_check", exit_code=2 if attack == "relative" else 3, dir=directory, names=["target"])
+    refused(ds_host, op, exit_code=2 if attack == "relative" else 3, dir=directory, names=["target"])
     assert trap() == before
