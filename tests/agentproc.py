@@ -225,6 +225,36 @@ class AgentProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
+    def wait_for_log(self, text: str, timeout: float = 30.0) -> None:
+        """Wait until the running agent's log holds `text`."""
+        assert self.log is not None and self.proc is not None
+        deadline = time.monotonic() + timeout
+        while text not in self.log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, f"the agent never logged {text!r}:\n{self.log_text()}"
+            assert self.proc.poll() is None, f"the agent exited:\n{self.log_text()}"
+            time.sleep(0.02)
+
+    def served_paths(self) -> dict[str, str]:
+        """Where the VM's nbdkit serves each disk from (a path or an NBD URI)."""
+        return {d["name"]: d["path"] for d in self.plugin("hello")["disks"]}
+
+    def kill_nbdkit_and_wait_restart(self, timeout: float = 20.0) -> None:
+        """SIGKILL the VM's nbdkit by its recorded pid; wait until the agent's supervisor restarted it."""
+        old = self.nbdkit_pid()
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid = self.nbdkit_pid()
+            if pid not in (None, old) and self.status()["nbdkit_up"]:
+                try:
+                    self.plugin("hello")
+                    return
+                except (OSError, ValueError):
+                    pass
+            assert time.monotonic() < deadline, f"nbdkit was not restarted:\n{self.log_text()}"
+            time.sleep(0.05)
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")[-4000:] if self.log and self.log.exists() else ""
 

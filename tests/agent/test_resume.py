@@ -26,35 +26,6 @@ KILL_POINTS = ["CopyDirtyData.stunned", "CopyDirtyData.switched", "CopyDirtyData
                "DiskCopyDone", "DiskCopyDone.renamed", "Complete", "Cleanup.finished", "Cleanup.done"]
 
 
-def wait_for_log(vm, text: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in vm.log.read_text(errors="replace"):
-        assert time.monotonic() < deadline, f"the agent never logged {text!r}:\n{vm.log_text()}"
-        assert vm.proc.poll() is None, f"the agent exited:\n{vm.log_text()}"
-        time.sleep(0.02)
-
-
-def served_paths(vm) -> dict[str, str]:
-    return {d["name"]: d["path"] for d in vm.plugin("hello")["disks"]}
-
-
-def kill_nbdkit_and_wait_restart(vm, timeout: float = 20.0) -> None:
-    """SIGKILL the VM's nbdkit by its recorded pid; wait until the agent's supervisor restarted it."""
-    old = vm.nbdkit_pid()
-    os.kill(old, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while True:
-        pid = vm.nbdkit_pid()
-        if pid not in (None, old) and vm.status()["nbdkit_up"]:
-            try:
-                vm.plugin("hello")
-                return
-            except (OSError, ValueError):
-                pass
-        assert time.monotonic() < deadline, f"nbdkit was not restarted:\n{vm.log_text()}"
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_agent_killed_after_the_switchover_step_finishes_on_the_destination(agent_vm, dest_dir: Path,
@@ -66,7 +37,7 @@ def test_agent_killed_after_the_switchover_step_finishes_on_the_destination(agen
     try:
         started = vm.cli("migrate", vm.name, "--dest", str(dest_dir), "--no-wait")
         assert started.returncode == 0, started.stderr
-        wait_for_log(vm, f"SVMOTION_INJECT hold at {point}")
+        vm.wait_for_log(f"SVMOTION_INJECT hold at {point}")
         vm.kill_agent()
         time.sleep(0.3)              # the guest goes on writing while no agent runs
         vm.start()                   # no injection now: the restarted agent resumes
@@ -77,13 +48,13 @@ def test_agent_killed_after_the_switchover_step_finishes_on_the_destination(agen
     finally:
         report = writer.stop()
     assert not report.errors, report.errors
-    assert served_paths(vm) == finals, "nbdkit does not serve the final destination names"
+    assert vm.served_paths() == finals, "nbdkit does not serve the final destination names"
     assert {d["name"]: d["path"] for d in vm.status()["disks"]} == finals
     assert sorted(p.name for p in dest_dir.iterdir()) == sorted(
         [f"{n}.raw" for n in vm.disks] + [f"{n}.ctk" for n in vm.disks] + ["vm1.nvram"])
     # The defect: a restart of nbdkit now must come back on the destination, not the source.
-    kill_nbdkit_and_wait_restart(vm)
-    assert served_paths(vm) == finals
+    vm.kill_nbdkit_and_wait_restart()
+    assert vm.served_paths() == finals
     for name in vm.disks:
         bad = writer.verify_image(name, finals[name])
         assert not bad, f"{name}: {len(bad)} bad blocks, first {writer.describe(name, bad[0])}"
@@ -95,7 +66,7 @@ def test_served_record_names_the_destination_before_the_guest_is_released(agent_
     vm = agent_vm(n_disks=1, size=8 * MiB, inject="hold:CopyDirtyData.switched=60")
     started = vm.cli("migrate", vm.name, "--dest", str(dest_dir), "--no-wait")
     assert started.returncode == 0, started.stderr
-    wait_for_log(vm, "SVMOTION_INJECT hold at CopyDirtyData.switched")
+    vm.wait_for_log("SVMOTION_INJECT hold at CopyDirtyData.switched")
     assert vm.plugin("status")["stun"] is not None, "the guest should still be held"
     record = json.loads((vm.state / f"{vm.name}.served.json").read_text())
     assert record["disks"] == {"disk0": str(dest_dir / "disk0.raw.svmotion-partial")}
@@ -152,7 +123,7 @@ def test_agent_and_nbdkit_killed_together_after_the_switchover_come_back_on_the_
     finals = {name: str(dest_dir / f"{name}.raw") for name in vm.disks}
     started = vm.cli("migrate", vm.name, "--dest", str(dest_dir), "--no-wait")
     assert started.returncode == 0, started.stderr
-    wait_for_log(vm, f"SVMOTION_INJECT hold at {point}")
+    vm.wait_for_log(f"SVMOTION_INJECT hold at {point}")
     nbdkit = vm.nbdkit_pid()
     vm.kill_agent()
     os.kill(nbdkit, signal.SIGKILL)
@@ -160,7 +131,7 @@ def test_agent_and_nbdkit_killed_together_after_the_switchover_come_back_on_the_
     last = vm.wait_done()
     assert last["state"] == "success", last
     assert vm.nbdkit_pid() != nbdkit
-    assert served_paths(vm) == finals
+    assert vm.served_paths() == finals
     for name in vm.disks:
         assert testlib.same_content(vm.disks[name], Path(finals[name])) == []
 
@@ -207,7 +178,7 @@ def test_agent_and_nbdkit_killed_mid_copy_leave_the_partial_for_the_next_migrati
     partial = dest_dir / "disk0.raw.svmotion-partial"
     assert last["kept_partials"] == [str(partial)]
     assert sorted(p.name for p in dest_dir.iterdir()) == [partial.name, partial.name + ".json"]
-    assert served_paths(vm) == {"disk0": str(vm.disks["disk0"])}
+    assert vm.served_paths() == {"disk0": str(vm.disks["disk0"])}
     again = vm.cli("migrate", vm.name, "--dest", str(dest_dir), "--json")
     assert again.returncode == 0, again.stderr
     record = json.loads(again.stdout)

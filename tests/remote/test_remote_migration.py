@@ -245,3 +245,37 @@ def test_a_dead_link_during_the_bulk_copy(lab_vm, lab_ds_host: DatastoreHost, tw
     done = vm.cli("migrate", vm.name, "--dest", dest2, "--json")
     assert done.returncode == 0, done.stderr + vm.log_text()
     assert partials(first) == []
+
+
+@pytest.mark.parametrize("point", ["DiskCopy", "CopyDirtyData.switched", "DiskCopyDone.renamed", "Cleanup.finished"])
+def test_the_agent_killed_on_the_way_to_b_resumes_and_b_serves_the_disks_after_a_restart(
+        lab_vm, lab_ds_host: DatastoreHost, point: str) -> None:
+    vm = lab_vm(n_disks=2, size=16 * MiB, inject=f"hold:{point}=60")
+    there, dest = remote_dir(lab_ds_host, "resumed")
+    writer = vm.writer(rate=1 * MiB)
+    writer.start()
+    try:
+        started = vm.cli("migrate", vm.name, "--dest", dest, "--no-wait")
+        assert started.returncode == 0, started.stderr
+        vm.wait_for_log(f"SVMOTION_INJECT hold at {point}")
+        vm.kill_agent()
+        time.sleep(0.3)              # the guest goes on writing while no agent runs
+        vm.start()                   # no injection now: the restarted agent resumes
+        last = vm.wait_done()
+        assert last["state"] == "success", last
+        assert any("resumed" in w for w in last["warnings"]), last["warnings"]
+        served = vm.served_paths()
+        assert all(u.startswith(f"nbds://{lab_ds_host.address}:{lab_ds_host.nbd_port}/") for u in served.values())
+        time.sleep(0.3)
+    finally:
+        report = writer.stop()
+    assert not report.errors, report.errors
+    assert sorted(p.name for p in there.iterdir()) == sorted(
+        [f"{n}.raw" for n in vm.disks] + [f"{n}.ctk" for n in vm.disks] + ["vm1.nvram"])
+    assert_model(writer, {d: there / f"{d}.raw" for d in vm.disks}, "on b")
+    # nbdkit dies: the supervisor starts it again on b's exports, over TLS, and serves their data.
+    vm.kill_nbdkit_and_wait_restart()
+    assert vm.served_paths() == served
+    for d in vm.disks:
+        bad = writer.verify_nbd(d, vm.uri(d))
+        assert not bad, f"{d} served again: {len(bad)} bad blocks, first {writer.describe(d, bad[0])}"
