@@ -747,3 +747,37 @@ def test_bad_remote_locations_are_refused(tmp_path: Path, testlib, pki, start_mi
         proc = processes.spawn(cmd, log=log, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
         assert proc.wait(20) != 0
         assert says in log.read_text(), log.read_text()[-1500:]
+
+
+def test_a_destination_that_returns_eio_fails_the_mirror_not_the_guest(
+        tmp_path: Path, testlib, pki, start_nbd_server, start_mirror_node) -> None:
+    """A destination whose writes start failing with EIO (nbdkit's error filter, switched on by a
+    file) during the bulk copy: the guest sees no error, the mirror is failed, the abort brings
+    back the plain source with everything the guest wrote."""
+    size = 16 * MiB
+    (tmp_path / "src").mkdir()
+    disks = {"disk0": testlib.make_dense_image(tmp_path / "src" / "disk0.raw", size)}
+    dest_file = sparse_file(tmp_path / "hostb" / "disk0.raw", size)
+    trigger = tmp_path / "eio-now"
+    server = start_nbd_server(dest_file, transport="tcp", tls="x509",
+                              filters=("--filter=error", "error-pwrite=EIO", "error-pwrite-rate=100%",
+                                       f"error-pwrite-file={trigger}"))
+    node = start_mirror_node(disks, lease=2.0, extra=tls_args(pki, "x509"))
+    ctl = node.client()
+    flow = Flow(ctl, disks, {"disk0": server.uri}, rate=4 * MiB)
+    writer = start_writer(node, connections=2, queue_depth=4, rate=4 * MiB, fua_ratio=0.1, flush_ratio=0.05)
+    try:
+        flow.install()
+        ctl.call("copy", kind="bulk", rate=flow.rate)   # 4 s at 4 MiB/s: still copying below
+        wait_writes(writer, 30)
+        trigger.touch()
+        disk = wait_copies(ctl, timeout=10)["disk0"]
+        assert disk["mirror_failed"] or disk["copy"]["error"], disk
+        assert "Input/output error" in str(disk["mirror_failed"] or disk["copy"]["error"]), disk
+        ctl.call("abort")
+        assert disk_status(ctl)["disk0"]["state"] == "passthrough"
+        wait_writes(writer, 30)
+    finally:
+        report = writer.stop()
+    assert not report.errors, f"the guest saw errors: {report.errors[:3]}"
+    assert_clean(writer, report, disks)

@@ -111,6 +111,11 @@ class DatastoreHost(AgentProcess):
     def exports_pid_file(self) -> Path:
         return self.state / "exports.pid"
 
+    def export_pid(self) -> tuple[int, int]:
+        """The pid and start time its export nbdkit recorded."""
+        rec = json.loads(self.exports_pid_file.read_text())
+        return int(rec["pid"]), int(rec["start_time"])
+
 
 def make_datastore_host(pool: AgentPool, root: Path, pki: Pki, name: str = "b",
                         tls: str | None = None, on: Host | None = None,

@@ -6,7 +6,6 @@ Real libnbd clients (`nbd.NBD`, the mirror node's future client) over TLS to the
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -89,21 +88,16 @@ def test_a_default_or_unknown_export_serves_nothing(ds_host: DatastoreHost) -> N
             connect(ds_host, export, ds_host.pki.client)
 
 
-def recorded_pid(host: DatastoreHost) -> tuple[int, int]:
-    rec = json.loads(host.exports_pid_file.read_text())
-    return int(rec["pid"]), int(rec["start_time"])
-
-
 def test_the_agent_restarts_a_killed_export_and_a_restarted_agent_adopts_it(datastore_host) -> None:
     host = datastore_host()
     partial, export = make_disk(host, "disk0.raw", size=MiB)
-    pid, start = recorded_pid(host)
+    pid, start = host.export_pid()
     assert process_start_time(pid) == start
     os.kill(pid, signal.SIGKILL)                   # our agent's nbdkit, by the pid it recorded
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
-            new_pid, new_start = recorded_pid(host)
+            new_pid, new_start = host.export_pid()
         except (OSError, ValueError, KeyError):
             new_pid = pid
         if new_pid != pid and process_start_time(new_pid) == new_start:
@@ -125,7 +119,7 @@ def test_the_agent_restarts_a_killed_export_and_a_restarted_agent_adopts_it(data
     try:
         host.kill_agent()
         host.start()
-        assert recorded_pid(host) == (new_pid, new_start)
+        assert host.export_pid() == (new_pid, new_start)
         assert "adopted running nbdkit pid" in host.log_text()
         h.pwrite(b"still connected", 0)
         h.flush()

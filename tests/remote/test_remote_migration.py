@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -279,3 +280,27 @@ def test_the_agent_killed_on_the_way_to_b_resumes_and_b_serves_the_disks_after_a
     for d in vm.disks:
         bad = writer.verify_nbd(d, vm.uri(d))
         assert not bad, f"{d} served again: {len(bad)} bad blocks, first {writer.describe(d, bad[0])}"
+
+
+def test_b_export_nbdkit_killed_during_the_bulk_copy(lab_vm, lab_ds_host: DatastoreHost) -> None:
+    """b's NBD export dies under the mirror (its connections close): the migration fails, the guest
+    goes on without error on its source, and b's agent, still there, removes the partials."""
+    vm = lab_vm(n_disks=1, size=32 * MiB)
+    there, dest = remote_dir(lab_ds_host, "vm-export-dies")
+    writer = vm.writer(rate=1 * MiB)
+    writer.start()
+    try:
+        out = vm.cli_background("migrate", vm.name, "--dest", dest, "--rate", "2M", "--json")
+        vm.wait_phase("DiskCopy")
+        os.kill(lab_ds_host.export_pid()[0], signal.SIGKILL)        # by the pid b's agent recorded
+        stdout, stderr = out.communicate(timeout=60)
+        assert out.returncode == 5, stderr
+        record = json.loads(stdout)
+        time.sleep(0.3)
+    finally:
+        report = writer.stop()
+    assert not report.errors, report.errors
+    assert record["state"] == "failed" and "\n" not in record["error"], record
+    assert record["left_partials"] == [] and partials(there) == []
+    assert_model(writer, vm.disks, "at the source")
+    assert vm.served_paths() == {"disk0": str(vm.disks["disk0"])}

@@ -9,7 +9,6 @@ two hosts: mutual TLS between them, the refusals, and data over NBD with TLS ove
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -26,7 +25,7 @@ MiB = 1 << 20
 
 def test_the_agent_runs_on_b_and_a_talks_to_it_over_mutual_tls(lab_ds_host: DatastoreHost,
                                                                 two_hosts: Lab) -> None:
-    export_pid = json.loads(lab_ds_host.exports_pid_file.read_text())["pid"]
+    export_pid = lab_ds_host.export_pid()[0]
     assert two_hosts.pids_inside() == {"b": sorted([lab_ds_host.proc.pid, export_pid])}, \
         "the agent and its nbdkit run on b, nothing on a"
     with lab_ds_host.remote() as b:
