@@ -449,6 +449,10 @@ class Migration:
         self._sync_files("files_copy", [source for source, _ in self.files])
 
     def _phase_Stun(self) -> None:
+        # The destinations are opened first, outside the stun: a remote one is a connection and a
+        # TLS handshake per link, which the seed's short stun has no room for.
+        self._step("prepare_mirror", lambda: self._call("prepare_mirror", disks={
+            d.name: self._mirror_spec(d) for d in self.plan}))
         reply = self._call("stun", lease=self.vm.lease, kind="mirror_install")
         self._stun_id, self._stun_t0 = reply["stun_id"], time.monotonic()
         if self.options.strategy == "legacy":
@@ -458,8 +462,7 @@ class Migration:
 
     def _phase_Unstun(self) -> None:
         for disk in self.plan:
-            spec = {disk.name: {"dest": disk.target, "mode": self.options.mirror,
-                                "granularity": self.options.granularity}}
+            spec = {disk.name: self._mirror_spec(disk)}
             self._step(f"install_mirror {disk.name}",
                        lambda s=spec: self._call("install_mirror", stun_id=self._stun_id, disks=s))
             # Per-disk files open after the mirror of their disk is installed (seed: diskOpen()).
@@ -640,6 +643,9 @@ class Migration:
             self._files = FileMirror([(s, f, "per-VM file") for s, f in self.files] + sidecars,
                                      writer=self.dest.file_writer, source=self._file_source)
         return self._files
+
+    def _mirror_spec(self, disk: DiskPlan) -> dict[str, Any]:
+        return {"dest": disk.target, "mode": self.options.mirror, "granularity": self.options.granularity}
 
     def _file_source(self, path: str) -> FileSource:
         """Where a source file is read: here, or through the agent of the host an earlier migration put it on."""

@@ -62,6 +62,7 @@ class Disk:
         self.mirror: Mirror | None = None
         self.copy_job: CopyJob | None = None
         self.rewritten: DirtyMap | None = None     # chunks the guest updated since the switchover
+        self.prepared: tuple[str, Backend] | None = None   # a destination opened ahead of its stun
         self.stats = DiskStats()
 
     # --- data path: one method per NBD op ---------------------------------------------------
@@ -139,14 +140,34 @@ class Disk:
             self.primary = open_backend(self.path, self.remote)
         self.state = PASSTHROUGH
 
-    def install_mirror(self, dest_path: str, mode: str, granularity: int, pool: ThreadPoolExecutor) -> None:
-        """Open the destination (a file path or an NBD URI) and start mirroring; a closed disk is
-        reopened with the mirror on."""
-        assert self.state in (PASSTHROUGH, CLOSED) and self.mirror is None
+    def prepare_mirror(self, dest_path: str) -> None:
+        """Open a destination before the stun that installs its mirror: for an NBD URI that is a
+        connection and a TLS handshake per link, which must not lengthen the stun."""
+        dest = self._open_dest(dest_path)
+        self.discard_prepared()
+        self.prepared = (dest_path, dest)
+
+    def discard_prepared(self) -> None:
+        if self.prepared is not None:
+            self.prepared[1].close()
+            self.prepared = None
+
+    def _open_dest(self, dest_path: str) -> Backend:
         dest = open_backend(dest_path, self.remote, dest=True)
         if dest.size != self.size:
             dest.close()
             raise ValueError(f"destination {dest_path} has {dest.size} bytes, the disk has {self.size}")
+        return dest
+
+    def install_mirror(self, dest_path: str, mode: str, granularity: int, pool: ThreadPoolExecutor) -> None:
+        """Start mirroring to the destination (a file path or an NBD URI), the one prepared for it
+        if any, else opened now; a closed disk is reopened with the mirror on."""
+        assert self.state in (PASSTHROUGH, CLOSED) and self.mirror is None
+        if self.prepared is not None and self.prepared[0] == dest_path:
+            dest, self.prepared = self.prepared[1], None
+        else:
+            self.discard_prepared()
+            dest = self._open_dest(dest_path)
         if self.primary is None:
             try:
                 self.primary = open_backend(self.path, self.remote)
@@ -159,6 +180,7 @@ class Disk:
 
     def drop_mirror(self) -> None:
         """Abort or rollback: stop copying, close the destination, serve the source alone."""
+        self.discard_prepared()
         self.stop_copy()
         if self.mirror is not None:
             self.mirror.close()
@@ -235,6 +257,7 @@ class Disk:
 
     def close(self) -> None:
         self.stop_copy()
+        self.discard_prepared()
         if self.mirror is not None:
             self.mirror.close()
         if self.primary is not None:

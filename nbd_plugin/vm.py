@@ -145,6 +145,23 @@ class VM:
                 stun.undo.append(disk.reopen_source)
             return {}
 
+    @takes(disks=Arg(dict, check=_some_disks))
+    def op_prepare_mirror(self, req: dict, conn: Connection) -> dict:
+        """Open the destinations of a coming install_mirror now, outside any stun (disk.py)."""
+        plan = [self._mirror_plan(name, spec, "prepare_mirror") for name, spec in req["disks"].items()]
+        with self._control:
+            for disk, dest, _, _ in plan:
+                if disk.state != PASSTHROUGH or disk.mirror is not None:
+                    raise RequestError(f"prepare_mirror: disk {disk.name} is {disk.state}, not passthrough")
+            for disk, dest, _, _ in plan:
+                try:
+                    disk.prepare_mirror(dest)
+                except (OSError, ValueError) as err:
+                    for done, _, _, _ in plan:
+                        done.discard_prepared()
+                    raise RequestError(f"prepare_mirror: disk {disk.name}: {_reason(err)}") from None
+            return {}
+
     @takes(stun_id=STUN_ID, disks=Arg(dict, check=_some_disks))
     def op_install_mirror(self, req: dict, conn: Connection) -> dict:
         plan = [self._mirror_plan(name, spec) for name, spec in req["disks"].items()]
@@ -370,11 +387,11 @@ class VM:
 
     # --- helpers ---------------------------------------------------------------------------------
 
-    def _mirror_plan(self, name: str, spec: Any) -> tuple[Disk, str, str, int]:
+    def _mirror_plan(self, name: str, spec: Any, op: str = "install_mirror") -> tuple[Disk, str, str, int]:
         disk = self.disks.get(name)
         if disk is None:
-            raise RequestError(f"install_mirror: unknown disk {shown(name)}; this VM has {', '.join(self.disks)}")
-        where = f"install_mirror: disk {name}"
+            raise RequestError(f"{op}: unknown disk {shown(name)}; this VM has {', '.join(self.disks)}")
+        where = f"{op}: disk {name}"
         if not isinstance(spec, dict):
             raise RequestError(f"{where}: bad spec {shown(spec)}: must be an object {{\"dest\": PATH, ...}}")
         spec = arguments(spec, MIRROR_SPEC, where, keep=())

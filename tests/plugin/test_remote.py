@@ -781,3 +781,40 @@ def test_a_destination_that_returns_eio_fails_the_mirror_not_the_guest(
         report = writer.stop()
     assert not report.errors, f"the guest saw errors: {report.errors[:3]}"
     assert_clean(writer, report, disks)
+
+
+def test_a_prepared_destination_is_connected_before_the_stun(tmp_path: Path, testlib, pki, start_nbd_server,
+                                                            start_mirror_node) -> None:
+    """prepare_mirror opens the export outside the stun; install_mirror under the stun then needs no
+    new connection: it succeeds while the export is frozen (a new TLS handshake could not). An
+    install to another destination, or an abort, closes what was prepared."""
+    size = 4 * MiB
+    (tmp_path / "src").mkdir()
+    disks = {"disk0": testlib.make_dense_image(tmp_path / "src" / "disk0.raw", size)}
+    dest_file = sparse_file(tmp_path / "hostb" / "disk0.raw", size)
+    server = start_nbd_server(dest_file, transport="tcp", tls="x509")
+    node = start_mirror_node(disks, extra=tls_args(pki, "x509") + ("dest-timeout=0.5",))
+    ctl = node.client()
+    spec = {"disk0": {"dest": server.uri}}
+    ctl.call("prepare_mirror", disks=spec)
+    server.freeze()
+    try:
+        stun_id = ctl.call("stun")["stun_id"]
+        ctl.call("install_mirror", stun_id=stun_id, disks=spec)
+        ctl.call("unstun", stun_id=stun_id)
+        assert disk_status(ctl)["disk0"]["state"] == "mirroring"
+        ctl.call("abort")
+        # Nothing prepared now: the same install must connect, and a frozen export cannot answer.
+        stun_id = ctl.call("stun")["stun_id"]
+        with pytest.raises(RemoteError, match=server.uri):
+            ctl.call("install_mirror", stun_id=stun_id, disks=spec)
+        ctl.call("unstun", stun_id=stun_id)
+    finally:
+        server.thaw()
+    assert disk_status(ctl)["disk0"]["state"] == "passthrough"
+    stun_id = ctl.call("stun")["stun_id"]
+    ctl.call("install_mirror", stun_id=stun_id, disks=spec)
+    ctl.call("unstun", stun_id=stun_id)
+    with pytest.raises(RemoteError, match="not passthrough"):
+        ctl.call("prepare_mirror", disks=spec)      # a mirror is installed already
+    ctl.call("abort")
