@@ -34,8 +34,9 @@ def overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
 class Request:
     """A thread that holds chunks first..last from when it gets them until `release()`."""
 
-    def __init__(self, locks: ChunkLocks, first: int, last: int) -> None:
+    def __init__(self, locks: ChunkLocks, first: int, last: int, seq: int) -> None:
         self.range = (first, last)
+        self.seq = seq                   # arrival order
         self.holding = threading.Event()
         self.let_go = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(locks,), daemon=True,
@@ -58,11 +59,13 @@ class ChunkLocksMachine(RuleBasedStateMachine):
     locks: ChunkLocks
     held: list[Request]
     blocked: list[Request]
+    arrivals: int
 
     @initialize()
     def make(self) -> None:
         self.locks = ChunkLocks()
         self.held, self.blocked = [], []
+        self.arrivals = 0
 
     def settle(self) -> None:
         """Wait until every request holds its range or waits in the lock; move holders to `held`."""
@@ -71,6 +74,9 @@ class ChunkLocksMachine(RuleBasedStateMachine):
             for request in [r for r in self.blocked if r.holding.is_set()]:
                 self.blocked.remove(request)
                 self.held.append(request)
+            # In arrival order, whatever order the threads woken by one release got their ranges
+            # in: the rules draw from `held`, and Hypothesis replays a case only if it is the same.
+            self.held.sort(key=lambda r: r.seq)
             with self.locks._cond:
                 real, waiting = sorted(self.locks._held), len(self.locks._line)
             model = sorted(r.range for r in self.held)
@@ -98,7 +104,8 @@ class ChunkLocksMachine(RuleBasedStateMachine):
     def request(self, first: int, length: int) -> None:
         wanted = (first, min(first + length - 1, CHUNKS - 1))
         busy = any(overlaps(wanted, r.range) for r in self.held + self.blocked)
-        request = Request(self.locks, *wanted)
+        request = Request(self.locks, *wanted, seq=self.arrivals)
+        self.arrivals += 1
         self.blocked.append(request)
         self.settle()
         if busy:
