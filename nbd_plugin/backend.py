@@ -83,6 +83,7 @@ class Backend(Protocol):
 
     path: str
     size: int
+    guest_wait: float | None     # how long a guest's request may wait for this side (None: as long as it takes)
 
     def pread(self, buf: memoryview | bytearray, offset: int) -> None: ...
 
@@ -147,6 +148,8 @@ class FileBackend:
 
     Example: `FileBackend("/var/lib/vm1/disk0.raw").pread(buf, 0)`
     """
+
+    guest_wait = None     # local storage has no deadline: its errors come back as errors
 
     def __init__(self, path: str, create_size: int | None = None, readonly: bool = False):
         self.path = path

@@ -332,6 +332,7 @@ class NbdBackend:
         self.path = uri
         self.options = options
         self.timeout = options.dest_timeout if dest else options.source_timeout
+        self.guest_wait = self.timeout + REACTOR_GRACE     # mirror.py: a guest flush waits no longer
         # This condition's lock protects the link list, the opener's state and the flush counts.
         self._cond = threading.Condition()
         self._links: list[Link] = []

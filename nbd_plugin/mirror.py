@@ -30,11 +30,16 @@ Design notes
   to the source alone and mark their chunks dirty, as in dirty mode (no copier runs any more,
   so no chunk locks are needed), and flushes flush the source alone. The guest waits at most
   one deadline, once, and sees no error; the migration fails at its next step.
+- A guest flush waits for the destination's flush at most the destination's request deadline
+  (`Backend.guest_wait`), then fails the mirror: the backend gives its own flushes a longer
+  deadline (storage may take a while; the copier's write-behind may wait for it), and a flush
+  that is the only request on a dead link would otherwise hold the guest that long.
 """
 from __future__ import annotations
 
 import errno
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable
 
 from .backend import Backend
@@ -121,7 +126,10 @@ class Mirror:
             source_flush()
         finally:
             try:
-                target.result()
+                target.result(timeout=self.dest.guest_wait)
+            except FutureTimeout:
+                self._stats.error("dest", "flush")
+                self.fail(f"destination flush did not complete within {self.dest.guest_wait:.2f} s")
             except OSError as err:
                 self._stats.error("dest", "flush")
                 self.fail(f"destination flush failed: {err.strerror}")

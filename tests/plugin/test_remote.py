@@ -694,6 +694,36 @@ def test_a_destination_that_stops_answering_fails_the_mirror_not_the_guest(
     assert_clean(writer, report, disks)
 
 
+def test_a_guest_flush_alone_on_a_dead_link_waits_one_deadline(tmp_path: Path, testlib, pki, start_nbd_server,
+                                                                start_mirror_node) -> None:
+    """Nothing but the guest's flush is in flight when the destination freezes: the flush returns
+    within the destination deadline (not the backend's longer flush deadline), the mirror failed."""
+    dest_timeout, size = 0.5, 4 * MiB
+    (tmp_path / "src").mkdir()
+    disks = {"disk0": testlib.make_dense_image(tmp_path / "src" / "disk0.raw", size)}
+    dest_file = sparse_file(tmp_path / "hostb" / "disk0.raw", size)
+    server = start_nbd_server(dest_file, transport="tcp", tls="x509")
+    node = start_mirror_node(disks, lease=2.0, extra=tls_args(pki, "x509") + (f"dest-timeout={dest_timeout}",))
+    ctl = node.client()
+    flow = Flow(ctl, disks, {"disk0": server.uri})
+    flow.install()
+    flow.copy("bulk")                    # all clean: nothing of the copier's is in flight below
+    guest = nbd.NBD()
+    guest.connect_uri(node.uri("disk0"))
+    try:
+        guest.pwrite(b"x" * 4096, 0)     # reaches both sides
+        server.freeze()
+        t0 = time.monotonic()
+        guest.flush()
+        waited = time.monotonic() - t0
+    finally:
+        server.thaw()
+        guest.shutdown()
+    assert waited < dest_timeout + 0.75, f"the guest's flush waited {waited:.2f} s"
+    assert "flush did not complete" in disk_status(ctl)["disk0"]["mirror_failed"]
+    ctl.call("abort")
+
+
 # ---- TLS: who is refused --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["no client certificate", "a certificate from another CA", "a plaintext client"])
