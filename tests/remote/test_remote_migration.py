@@ -16,12 +16,14 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import pytest
 from remotelib import DatastoreHost
+from vmlib import AgentVM
 
-from agent.writer import VerifyingWriter, file_digest
+from agent.writer import VerifyingWriter, WriterReport, file_digest
 
 MiB = 1024 * 1024
 
@@ -35,6 +37,43 @@ def remote_dir(host: DatastoreHost, name: str) -> tuple[Path, str]:
 
 def partials(where: Path) -> list[str]:
     return sorted(p.name for p in where.iterdir() if ".svmotion-partial" in p.name)
+
+
+@dataclass
+class Faulted:
+    """A migration run through a fault, under the writer (stopped now)."""
+
+    writer: VerifyingWriter
+    report: WriterReport
+    record: dict[str, Any]
+    returncode: int
+    stderr: str
+
+    def assert_failed_cleanly(self) -> None:
+        """Exit 5, one line, and the guest saw nothing of the trouble."""
+        assert self.returncode == 5, self.stderr
+        assert self.record["state"] == "failed" and "\n" not in self.record["error"], self.record
+        assert not self.report.errors, self.report.errors
+
+
+def migrate_through(vm: AgentVM, dest: str, phase: str, fault: Callable[[], None], *options: str,
+                    recover: Callable[[], None] = lambda: None) -> Faulted:
+    """`migrate` under the verifying writer; `fault()` once the migration is in `phase`, `recover()`
+    once it has ended (also when the test fails)."""
+    writer = vm.writer(rate=1 * MiB)
+    writer.start()
+    try:
+        out = vm.cli_background("migrate", vm.name, "--dest", dest, "--json", *options)
+        vm.wait_phase(phase)
+        try:
+            fault()
+            stdout, stderr = out.communicate(timeout=120)
+        finally:
+            recover()
+        time.sleep(0.3)                # the guest goes on writing, on whichever side it is now
+    finally:
+        report = writer.stop()
+    return Faulted(writer, report, json.loads(stdout), out.returncode, stderr)
 
 
 def assert_model(writer: VerifyingWriter, images: dict[str, Path], where: str) -> None:
@@ -125,26 +164,19 @@ def small_datastore(lab_ds_hosts, tmp_path: Path) -> Iterator[tuple[DatastoreHos
 def test_a_full_datastore_fails_the_migration_cleanly(lab_vm, small_datastore) -> None:
     host, small = small_datastore
     vm = lab_vm(n_disks=1, size=32 * MiB, inject="hold:DiskCopy=3")
-    writer = vm.writer(rate=1 * MiB)
-    writer.start()
-    try:
-        out = vm.cli_background("migrate", vm.name, "--dest", f"{host.address}:{host.api_port}:{small}", "--json")
-        vm.wait_phase("DiskCopy")
-        # The partials are made: leave B 1 MiB, less than the 7 MiB the bulk copy writes.
+
+    def fill() -> None:
+        # The partials are made: leave b 1 MiB, less than the 7 MiB the bulk copy writes.
         free = os.statvfs(small).f_bavail * os.statvfs(small).f_frsize
         subprocess.run(["fallocate", "-l", str(free - MiB), str(small / "filler")], check=True)
-        stdout, stderr = out.communicate(timeout=90)
-        assert out.returncode == 5, stderr
-        record = json.loads(stdout)
-        time.sleep(0.3)
-    finally:
-        report = writer.stop()
-    assert record["state"] == "failed" and record["phase"] == "Cleanup"
-    assert "No space left on device" in record["error"] or "space" in record["error"], record["error"]
-    assert not report.errors, report.errors        # the guest never saw the destination's trouble
-    assert_model(writer, vm.disks, "at the source")
+
+    run = migrate_through(vm, f"{host.address}:{host.api_port}:{small}", "DiskCopy", fill)
+    run.assert_failed_cleanly()
+    assert run.record["phase"] == "Cleanup"
+    assert "No space left on device" in run.record["error"] or "space" in run.record["error"], run.record["error"]
+    assert_model(run.writer, vm.disks, "at the source")
     assert sorted(p.name for p in small.iterdir()) == ["filler"]
-    assert vm.plugin("status")["disks"]["disk0"]["path"] == str(vm.disks["disk0"])
+    assert vm.served_paths() == {"disk0": str(vm.disks["disk0"])}
 
 
 def test_a_killed_destination_agent_fails_the_migration_and_its_partials_go_at_the_next_contact(
@@ -152,27 +184,15 @@ def test_a_killed_destination_agent_fails_the_migration_and_its_partials_go_at_t
     host = lab_ds_hosts()
     vm = lab_vm(n_disks=2, size=16 * MiB, inject="hold:CopyDirtyData=3")
     first, dest = remote_dir(host, "first")
-    writer = vm.writer(rate=1 * MiB)
-    writer.start()
-    try:
-        out = vm.cli_background("migrate", vm.name, "--dest", dest, "--json")
-        vm.wait_phase("CopyDirtyData")
-        host.kill_agent()
-        stdout, stderr = out.communicate(timeout=90)
-        assert out.returncode == 5, stderr
-        record = json.loads(stdout)
-        time.sleep(0.3)
-    finally:
-        report = writer.stop()
-    assert not report.errors, report.errors
-    assert record["state"] == "failed"
-    assert f"cannot talk to the agent at {host.address}:{host.api_port}" in record["error"], record["error"]
-    assert "stay there until the next migration to it removes them" in record["error"], record["error"]
-    assert "\n" not in record["error"]
-    left = sorted(Path(p).name for p in record["left_partials"])
+    run = migrate_through(vm, dest, "CopyDirtyData", host.kill_agent)
+    run.assert_failed_cleanly()
+    error = run.record["error"]
+    assert f"cannot talk to the agent at {host.address}:{host.api_port}" in error, error
+    assert "stay there until the next migration to it removes them" in error, error
+    left = sorted(Path(p).name for p in run.record["left_partials"])
     assert left == [p for p in partials(first) if not p.endswith(".json")] and len(left) == 5, left
-    assert_model(writer, vm.disks, "at the source")
-    # B's agent comes back; the next migration to B (another directory) removes what was left first.
+    assert_model(run.writer, vm.disks, "at the source")
+    # b's agent comes back; the next migration to b (another directory) removes what was left first.
     host.start()
     _, dest2 = remote_dir(host, "second")
     out2 = vm.cli("migrate", vm.name, "--dest", dest2, "--json")
@@ -217,29 +237,15 @@ def test_a_dead_link_during_the_bulk_copy(lab_vm, lab_ds_host: DatastoreHost, tw
     """b's end of the veth goes down (no reset: a pulled cable) while the bulk copy runs."""
     vm = lab_vm(n_disks=1, size=32 * MiB)
     first, dest = remote_dir(lab_ds_host, "first")
-    writer = vm.writer(rate=1 * MiB)
-    writer.start()
-    try:
-        # 7 MiB of data at 2 MiB/s: the bulk copy lasts seconds.
-        out = vm.cli_background("migrate", vm.name, "--dest", dest, "--rate", "2M", "--json")
-        vm.wait_phase("DiskCopy")
-        two_hosts["b"].link_down()
-        try:
-            stdout, stderr = out.communicate(timeout=120)
-            record = json.loads(stdout)
-            assert out.returncode == 5, stderr
-            assert vm.plugin("status")["disks"]["disk0"]["path"] == str(vm.disks["disk0"])
-        finally:
-            two_hosts["b"].link_up()
-        time.sleep(0.3)
-    finally:
-        report = writer.stop()
-    assert not report.errors, report.errors     # the guest saw no error, and no stall past the lease
-    assert report.max_latency < 2.0, report.max_latency          # the default lease
-    assert record["state"] == "failed" and "\n" not in record["error"]
-    assert lab_ds_host.address in record["error"], record["error"]
-    assert "stay there until the next migration to it removes them" in record["error"], record["error"]
-    assert_model(writer, vm.disks, "at the source")
+    # 7 MiB of data at 2 MiB/s: the bulk copy lasts seconds.
+    run = migrate_through(vm, dest, "DiskCopy", two_hosts["b"].link_down, "--rate", "2M",
+                          recover=two_hosts["b"].link_up)
+    run.assert_failed_cleanly()
+    assert run.report.max_latency < 2.0, run.report.max_latency     # no stall past the lease (default 2 s)
+    assert lab_ds_host.address in run.record["error"], run.record["error"]
+    assert "stay there until the next migration to it removes them" in run.record["error"], run.record["error"]
+    assert_model(run.writer, vm.disks, "at the source")
+    assert vm.served_paths() == {"disk0": str(vm.disks["disk0"])}
     assert partials(first), "b did not answer: its partials are still there"
     # The link is back: the next migration to b removes them first.
     _, dest2 = remote_dir(lab_ds_host, "second")
@@ -290,24 +296,13 @@ def test_b_export_nbdkit_killed_during_the_bulk_copy(lab_vm, lab_ds_host: Datast
     (it is a race with the copier's and the guest's requests); each must lose nothing."""
     vm = lab_vm(n_disks=1, size=32 * MiB)
     there, dest = remote_dir(lab_ds_host, "vm-export-dies")
-    writer = vm.writer(rate=1 * MiB)
-    writer.start()
-    try:
-        out = vm.cli_background("migrate", vm.name, "--dest", dest, "--rate", "2M", "--json")
-        vm.wait_phase("DiskCopy")
-        os.kill(lab_ds_host.export_pid()[0], signal.SIGKILL)        # by the pid b's agent recorded
-        stdout, stderr = out.communicate(timeout=60)
-        record = json.loads(stdout)
-        time.sleep(0.3)
-    finally:
-        report = writer.stop()
-    assert not report.errors, report.errors
-    if record["state"] == "success":
-        assert out.returncode == 0
-        assert_model(writer, {"disk0": there / "disk0.raw"}, "on b")
+    run = migrate_through(vm, dest, "DiskCopy", lambda: os.kill(lab_ds_host.export_pid()[0], signal.SIGKILL),
+                          "--rate", "2M")
+    if run.record["state"] == "success":
+        assert run.returncode == 0 and not run.report.errors, run.report.errors
+        assert_model(run.writer, {"disk0": there / "disk0.raw"}, "on b")
         return
-    assert out.returncode == 5, stderr
-    assert record["state"] == "failed" and "\n" not in record["error"], record
-    assert record["left_partials"] == [] and partials(there) == []
-    assert_model(writer, vm.disks, "at the source")
+    run.assert_failed_cleanly()
+    assert run.record["left_partials"] == [] and partials(there) == []
+    assert_model(run.writer, vm.disks, "at the source")
     assert vm.served_paths() == {"disk0": str(vm.disks["disk0"])}
