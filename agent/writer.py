@@ -543,6 +543,15 @@ class VerifyingWriter:
         return line
 
 
+def patch_image(path: str | os.PathLike, offset: int, data: bytes) -> None:
+    """Overwrite bytes of an image in place: how the verifiers' own tests plant a lost write."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
 def file_digest(path: str | os.PathLike, piece: int = VERIFY_READ) -> str:
     """SHA-256 of a file's content, read in pieces (tests: "the source was not written again")."""
     digest = hashlib.sha256()

@@ -13,13 +13,12 @@ Design notes
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from agent.writer import BLOCK, PATTERN, block_pattern
+from agent.writer import BLOCK, PATTERN, block_pattern, patch_image
 from faults.fio import FioWorkload
 from faults.params import MiB, draw
 from faults.resources import Resources
@@ -77,7 +76,7 @@ def run(workroot: Path) -> list[str]:
         stale = later * sub + sub // 2
         before = snapshot.read_bytes()[stale:stale + BLOCK]
         assert before == block_pattern("disk0", stale, 0), f"round {later}'s area was written before it"
-        patch(source, stale, before)
+        patch_image(source, stale, before)
         verdict = fio.verify(lambda d: ("nbd", vm.uri(d)))
         found = [o for _, o, _ in verdict.bad]
         assert found == [stale], f"fio missed the lost write at {stale:#x}: {verdict.summary()}"
@@ -90,7 +89,7 @@ def run(workroot: Path) -> list[str]:
                    if w.expected("disk0", o, BLOCK) != block_pattern("disk0", o, 0)]
         assert written and initial["disk0"] == PATTERN, "the writer wrote nothing in its region"
         lost_block = written[len(written) // 2]
-        patch(source, lost_block, block_pattern("disk0", lost_block, 0))
+        patch_image(source, lost_block, block_pattern("disk0", lost_block, 0))
         bad = w.verify_nbd("disk0", vm.uri("disk0"), (start, length))
         assert bad == [lost_block], f"the writer missed the lost write at {lost_block:#x}: {bad[:5]}"
         shown.append(f"the writer caught the lost write at {lost_block:#x}: {w.describe('disk0', lost_block)}")
@@ -103,14 +102,6 @@ def run(workroot: Path) -> list[str]:
         if left:
             raise AssertionError(f"the self-test left something behind: {left}")
     return shown
-
-
-def patch(path: Path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
 
 
 def self_test(workroot: Path) -> int:

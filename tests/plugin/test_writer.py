@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.writer import BLOCK, PATTERN, VerifyingWriter, block_pattern
+from agent.writer import BLOCK, PATTERN, VerifyingWriter, block_pattern, patch_image
 
 MiB = 1024 * 1024
 
@@ -25,14 +25,6 @@ def run_writer(uri: str, seconds: float = 0.7, **options) -> tuple[VerifyingWrit
     finally:
         report = writer.stop()
     return writer, report
-
-
-def patch(path: Path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.parametrize("max_write", [256 * 1024, 8 * 1024, 4096])
@@ -58,10 +50,10 @@ def test_corrupt_misplaced_and_stale_blocks_are_named(tmp_path: Path, testlib, s
     written = [o for o in range(0, 4 * MiB, BLOCK) if writer.expected("disk0", o, BLOCK) != initial.read_bytes()[o:o + BLOCK]]
     assert len(written) > 10, "the writer changed too few blocks for this test"
     corrupt, misplaced, stale = written[0], written[len(written) // 2], written[-1]
-    patch(image, corrupt + 100, b"\xff")                                       # one flipped byte
-    patch(image, misplaced, writer.expected("disk0", corrupt, BLOCK))           # right data, wrong place
-    patch(image, stale, initial.read_bytes()[stale:stale + BLOCK])            # an older version
-    patch(image, 6 * MiB, block_pattern("disk0", 6 * MiB, 0))                 # data where a hole must be
+    patch_image(image, corrupt + 100, b"\xff")                                       # one flipped byte
+    patch_image(image, misplaced, writer.expected("disk0", corrupt, BLOCK))           # right data, wrong place
+    patch_image(image, stale, initial.read_bytes()[stale:stale + BLOCK])            # an older version
+    patch_image(image, 6 * MiB, block_pattern("disk0", 6 * MiB, 0))                 # data where a hole must be
     assert writer.verify_image("disk0", image) == sorted([corrupt, misplaced, stale, 6 * MiB])
     assert writer.verify_nbd("disk0", uri) == sorted([corrupt, misplaced, stale, 6 * MiB])
     assert "found pattern" in writer.describe("disk0", misplaced, writer.expected("disk0", corrupt, BLOCK))
@@ -75,13 +67,13 @@ def test_region_verification_checks_only_its_region(tmp_path: Path, testlib, sta
     region = (3 * MiB, 2 * MiB + 8 * BLOCK)            # not aligned to the 1 MiB verify reads
     writer, report = run_writer(uri, initial={"disk0": PATTERN}, region=region)
     assert not report.errors and writer.verify_image("disk0", image, region) == []
-    patch(image, 0, os.urandom(MiB))                                  # someone else's data outside
+    patch_image(image, 0, os.urandom(MiB))                                  # someone else's data outside
     assert writer.verify_nbd("disk0", uri, region) == []
     assert writer.verify_image("disk0", image)[:1] == [0]             # the whole disk does notice
     written = [o for o in range(region[0], sum(region), BLOCK)
                if writer.expected("disk0", o, BLOCK) != block_pattern("disk0", o, 0)]
     assert written, "the writer changed no block of its region"
-    patch(image, written[-1], block_pattern("disk0", written[-1], 0))  # a lost write: the older version
+    patch_image(image, written[-1], block_pattern("disk0", written[-1], 0))  # a lost write: the older version
     assert writer.verify_nbd("disk0", uri, region) == [written[-1]]
     with pytest.raises(ValueError, match="aligned"):
         writer.verify_image("disk0", image, (100, BLOCK))
