@@ -224,6 +224,11 @@ class Trace:
         """Latency from due time of every completed request that was due in [t0, t1]."""
         return [d - s for s, d in zip(self.due, self.done) if t0 <= s <= t1 and not math.isnan(d)]
 
+    def service_times(self, t0: float, t1: float) -> list[float]:
+        """Send-to-completion time of every completed request sent in [t0, t1]: the server's
+        latency without the writer's own backlog (which `latencies` includes)."""
+        return [d - s for s, d in zip(self.sent, self.done) if t0 <= s <= t1 and not math.isnan(d)]
+
     def max_wait(self, t0: float, t1: float) -> float:
         """The longest latency of any request in the system at some point of [t0, t1]."""
         longest = 0.0
