@@ -280,11 +280,15 @@ def many_disks_command(node: procs.Service, n: int) -> str:
 
 
 def strategy_runs(ctx: Context, case: Case, work: str, drv: MirrorNodeDriver, sock: str, n: int,
-                  places: Iterator[Place] | None = None) -> None:
+                  places: Iterator[Place] | None = None, home: Place | None = None,
+                  variant: str = "") -> None:
     """Both strategies interleaved, idle then under the paced load (on up to 4 disks), and their
-    rows; each migration's destinations go to the next of `places` (default: beside the disks)."""
+    rows (`variant` added to their labels); each migration's destinations go to the next of
+    `places` (default: beside the disks), and with `home` every timed migration is followed by
+    an untimed one (optimized) back there, so that each timed one starts from the same place."""
     cfg = ctx.cfg
-    for load_label, rate in (("idle", None), ("20 MB/s", LOAD_RATE)):
+    for load, rate in (("idle", None), ("20 MB/s", LOAD_RATE)):
+        load_label = load + variant
         results: dict[str, list[Migration]] = {"optimized": [], "legacy": []}
         lg = None
         if rate is not None:
@@ -299,6 +303,9 @@ def strategy_runs(ctx: Context, case: Case, work: str, drv: MirrorNodeDriver, so
                     place = next(places) if places is not None else None
                     results[strategy].append(drv.migrate(strategy=strategy, place=place))
                     time.sleep(SETTLE if lg else 0.02)
+                    if home is not None:
+                        drv.migrate(place=home)
+                        time.sleep(SETTLE if lg else 0.02)
             trace = lg.stop() if lg else None
         finally:
             if lg:

@@ -10,9 +10,12 @@ Design notes
   guest is the open-loop writer (loadgen.py), repetitions are interleaved where two systems
   are compared, every server is started and stopped by PID, every case works in its own
   directory.
-- Chained migrations keep one mirror node and one steady guest: the switchover case migrates
-  the disk to the other host and back again in turn, so every "to the other host" migration
-  starts from a local disk; the remote-disk case migrates between two exports in turn.
+- Every timed migration starts from the same situation. The switchover case (and the anchor)
+  start a fresh mirror node and a fresh guest on the same local disk for each migration: a
+  guest that was served from the other host, or by a migration from it, carries a backlog at
+  loads near what that path can carry (the ceiling rows measure it), which would land in the
+  next migration's figures. The remote-disk case keeps one mirror node per disk count, as case
+  2 does, and migrates between two exports in turn (or to local files and back, untimed).
 """
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from . import images, procs, tools
-from .cases import (DRAIN_SETTLE, LOAD_RATE, SETTLE, Context, install_wait, many_disks_command,
-                    quiet_latencies, size_label, stun_window_wait, strategy_runs, switchover_wait)
+from .cases import (LOAD_RATE, Context, install_wait, many_disks_command, size_label, stun_window_wait,
+                    strategy_runs, switchover_wait)
 from .loadgen import LoadGen, Trace
 from .qemu_mirror import mirror_run
 from .remote import Export, Pki, make_pki, mirror_node_tls, timed_handshake, tls_export, tls_uri
@@ -119,64 +122,64 @@ def case_remote_bulk(ctx: Context) -> Case:
 
 # --- remote_switchover --------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def export_dest(export: Export, source: str) -> Iterator[Dest]:
+    """A fresh destination file of the source's size behind `export`, removed on the way out."""
+    target = images.make_empty(os.path.join(export.directory, "disk0.raw"), os.path.getsize(source))
+    try:
+        yield export.place.dest(target)
+    finally:
+        os.unlink(target)
+
+
+def svmotion_move(ctx: Context, case: Case, work: str, source: str, pki: Pki, rate: float | None,
+                  dest: Callable[[], contextlib.AbstractContextManager[Dest]]) -> tuple[Migration, Trace | None]:
+    """One migration of the local disk `source` to the destination `dest()` makes, by a fresh
+    mirror node under a fresh guest (None: idle), which goes on for AFTER_SECONDS on the
+    destination; the source is kept for the next one."""
+    with dest() as target, ctx.mirror_node(work, {"disk0": source}, extra=mirror_node_tls(pki)) as (node, drv, sock):
+        case.command(node.command)
+        if rate is None:
+            return drv.migrate(keep_old=True, dests={"disk0": target}), None
+        lg = LoadGen([procs.nbd_uri(sock, "disk0")], os.path.join(work, "load"), rate=rate).start()
+        case.command(lg.command)
+        try:
+            time.sleep(ctx.cfg.pre_seconds)
+            m = drv.migrate(keep_old=True, dests={"disk0": target})
+            time.sleep(AFTER_SECONDS)
+            return m, lg.stop()
+        finally:
+            lg.kill()
+
+
 def case_remote_switchover(ctx: Context) -> Case:
     cfg = ctx.cfg
     case = Case("remote_switchover", "Switchover stun, destination on another host",
                 f"switchover stun p99 <= {STUN_TARGET * 1e3:g} ms, local disk -> nbds:// export, idle and "
                 f"under 20 MB/s 4 KiB random writes (>= 30 migrations each)")
+    loads = (("idle", None), ("10 MB/s", LOAD_RATE / 2), ("20 MB/s", LOAD_RATE))
     with remote_site(ctx, case, "remote_switchover") as (work, pki), \
             tls_export(work, pki, "datastore-b") as export:
         case.command(export.service.command)
-        here = Place(work)
-        for label, rate in (("idle", None), ("20 MB/s", LOAD_RATE)):
-            disk = images.make_dense(os.path.join(work, "disk0.raw"), cfg.stun_disk)
-            out: list[Migration] = []
-            back: list[Migration] = []
-            trace = None
-            with ctx.mirror_node(work, {"disk0": disk}, extra=mirror_node_tls(pki)) as (node, drv, sock):
-                case.command(node.command)
-                lg = None
-                if rate is not None:
-                    lg = LoadGen([procs.nbd_uri(sock, "disk0")], os.path.join(work, "load"), rate=rate).start()
-                    case.command(lg.command)
-                    time.sleep(cfg.pre_seconds)
-                try:
-                    for _ in range(cfg.remote_migrations):
-                        out.append(drv.migrate(place=export.place))
-                        time.sleep(DRAIN_SETTLE if lg else SETTLE)
-                        back.append(drv.migrate(place=here))
-                        time.sleep(DRAIN_SETTLE if lg else SETTLE)
-                    trace = lg.stop() if lg else None
-                finally:
-                    if lg:
-                        lg.kill()
-            os.unlink(drv.files["disk0"])
-            for direction, ms in (("to the other host", out), ("back from it", back)):
-                _switchover_rows(case, f"{direction}, {label}", ms, trace)
-            if trace is not None:
-                case.add(f"{label}: request latency while the disk is served from the other host",
-                         [lat for o, b in zip(out, back) for lat in trace.latencies(o.finish_returned + 0.1,
-                                                                                    b.started)], "s")
-            judged = summarize([m.switchover.duration for m in out])["p99"]
-            case.verdict(f"switchover stun p99 in the plugin, to the other host, {label}", judged,
-                         STUN_TARGET, "lower", "s")
-            if trace is not None:
-                case.verdict(f"switchover guest-visible wait (stun..finish) p99, to the other host, {label}",
-                             summarize([stun_window_wait(trace, m) for m in out])["p99"],
-                             STUN_TARGET, "lower", "s")
-                case.add(f"before the first migration: request latency ({label})",
-                         quiet_latencies(trace, out), "s")
-                if trace.errors or trace.unfinished:
-                    case.notes.append(f"{label}: the guest saw {trace.errors} errors, "
-                                      f"{trace.unfinished} unfinished requests")
+        disk = images.make_dense(os.path.join(work, "disk0.raw"), cfg.stun_disk)
+        for label, rate in loads:
+            runs = [svmotion_move(ctx, case, work, disk, pki, rate, lambda: export_dest(export, disk))
+                    for _ in range(cfg.remote_migrations)]
+            _switchover_rows(case, label, runs)
+            case.verdict(f"switchover stun p99 in the plugin, {label}",
+                         summarize([m.switchover.duration for m, _ in runs])["p99"], STUN_TARGET, "lower", "s")
+            if rate == LOAD_RATE:
+                case.verdict(f"switchover guest-visible wait (stun..finish) p99, {label}",
+                             summarize([stun_window_wait(t, m) for m, t in runs])["p99"], STUN_TARGET,
+                             "lower", "s")
         _ceiling_rows(ctx, case, work, pki, export)
     case.command("per migration (control socket): stun kind=mirror_install; install_mirror "
-                 "dest=nbds://127.0.0.1:PORT/disk0.mN.raw; unstun; copy kind=bulk; flush_dest; "
-                 "stun kind=switchover; switchover; unstun; finish; then the same back to a local file")
-    case.notes.append(f"{size_label(cfg.stun_disk)} dense disk, optimized strategy, sync mirror. Each "
-                      "migration to the other host is followed by one back to a local file, so every "
-                      "judged migration starts from a local disk; the way back (a disk served from the "
-                      "export, migrated to a local file) is reported beside it.")
+                 "dest=nbds://127.0.0.1:PORT/disk0.raw; unstun; copy kind=bulk; flush_dest; "
+                 "stun kind=switchover; switchover; unstun; finish")
+    case.notes.append(f"{size_label(cfg.stun_disk)} dense local disk, optimized strategy, sync mirror. "
+                      "Every migration is made by a fresh mirror node from the same local disk, under a "
+                      f"fresh guest started {cfg.pre_seconds:g} s before it and kept writing for "
+                      f"{AFTER_SECONDS:g} s after it (on the other host by then).")
     return case
 
 
@@ -205,19 +208,29 @@ def _ceiling_rows(ctx: Context, case: Case, work: str, pki: Pki, export: Export)
                  trace.latencies(*window), "s")
 
 
-def _switchover_rows(case: Case, label: str, ms: list[Migration], trace: Trace | None) -> None:
+def _switchover_rows(case: Case, label: str, runs: list[tuple[Migration, Trace | None]]) -> None:
+    ms = [m for m, _ in runs]
+    loaded = [(m, t) for m, t in runs if t is not None]
     case.add(f"{label}: switchover stun duration in plugin", [m.switchover.duration for m in ms], "s")
-    if trace is not None:
+    if loaded:
         case.add(f"{label}: switchover longest held request in plugin", [m.switchover.max_wait for m in ms], "s")
         case.add(f"{label}: switchover guest-visible wait, stun..finish",
-                 [stun_window_wait(trace, m) for m in ms], "s")
+                 [stun_window_wait(t, m) for m, t in loaded], "s")
         case.add(f"{label}: switchover guest-visible wait incl. flush_dest",
-                 [switchover_wait(trace, m) for m in ms], "s")
+                 [switchover_wait(t, m) for m, t in loaded], "s")
     case.add(f"{label}: flush_dest before the stun, duration", [m.flush_seconds for m in ms], "s")
     case.add(f"{label}: mirror install stun duration in plugin", [m.install.duration for m in ms], "s")
-    if trace is not None:
-        case.add(f"{label}: mirror install guest-visible wait", [install_wait(trace, m) for m in ms], "s")
+    if loaded:
+        case.add(f"{label}: mirror install guest-visible wait", [install_wait(t, m) for m, t in loaded], "s")
+        case.add(f"{label}: guest write rate during the copy / before",
+                 [ratio(t.throughput(m.copy_started, m.copy_done), t.throughput(t.meta["start"] + 0.3, m.started))
+                  for m, t in loaded], "%")
     case.add(f"{label}: whole migration", [m.total_seconds for m in ms], "s")
+    if loaded:
+        case.add(f"{label}: request latency before the migration",
+                 [lat for m, t in loaded for lat in t.latencies(t.meta["start"] + 0.2, m.started - 0.01)], "s")
+        case.add(f"{label}: request latency after it, disk on the other host ({AFTER_SECONDS:g} s)",
+                 [lat for m, t in loaded for lat in t.latencies(m.finish_returned + 0.1, t.meta["stopped"])], "s")
 
 
 # --- remote_strategies --------------------------------------------------------------------------
@@ -225,8 +238,9 @@ def _switchover_rows(case: Case, label: str, ms: list[Migration], trace: Trace |
 def case_remote_strategies(ctx: Context) -> Case:
     cfg = ctx.cfg
     case = Case("remote_strategies", "Optimized vs legacy stun, disks on another host",
-                "disks served from nbds:// exports, migrated to another export: optimized stun >= 10x "
-                "shorter than legacy (1, 4, 16 disks, idle and 20 MB/s); optimized <= 10 ms p99 with 16 disks")
+                "disks served from nbds:// exports, migrated to another export (and to local files): "
+                "optimized stun >= 10x shorter than legacy (1, 4, 16 disks, idle and 20 MB/s); "
+                "optimized <= 10 ms p99 with 16 disks")
     with remote_site(ctx, case, "remote_strategies") as (work, pki), \
             tls_export(work, pki, "datastore-b") as b, tls_export(work, pki, "datastore-c") as c:
         case.command(b.service.command)
@@ -235,21 +249,30 @@ def case_remote_strategies(ctx: Context) -> Case:
         case.add("one libnbd client: TCP connect + TLS + NBD handshake, idle",
                  [timed_handshake(b.uri("probe.raw"), pki) for _ in range(HANDSHAKES)], "s")
         os.unlink(probe)
+        here = os.path.join(work, "local")
+        os.makedirs(here)
         for n in cfg.legacy_counts:
             files = {f"disk{i}": images.make_dense(os.path.join(b.directory, f"disk{i}.raw"), cfg.legacy_disk)
                      for i in range(n)}
             disks = {name: b.uri(os.path.basename(file)) for name, file in files.items()}
             with ctx.mirror_node(work, disks, files=files, extra=mirror_node_tls(pki)) as (node, drv, sock):
                 case.command(many_disks_command(node, n))
-                strategy_runs(ctx, case, work, drv, sock, n, places=itertools.cycle([c.place, b.place]))
+                strategy_runs(ctx, case, work, drv, sock, n, places=itertools.cycle([c.place, b.place]),
+                              variant=", to another export")
+                strategy_runs(ctx, case, work, drv, sock, n, places=itertools.repeat(Place(here)),
+                              home=b.place, variant=", to local files")
             for file in drv.files.values():
                 os.unlink(file)
     case.notes.append(f"{size_label(cfg.legacy_disk)} dense disks, each served by the mirror node from "
-                      "an nbds:// export and migrated to another export and back in turn (sync mirror). "
-                      "Legacy: close_disks under the install stun (an NBD flush and disconnect per disk), "
-                      "then install_mirror reopens each source (TCP connect, TLS and NBD handshakes); "
-                      "at switchover the destination is flushed, closed and reopened. Both strategies "
-                      "connect each destination under the install stun (docs/interfaces.md, install_mirror).")
+                      "an nbds:// export (sync mirror). 'To another export': migrated to a second TLS "
+                      "export and back in turn, every migration timed. 'To local files': each timed "
+                      "migration goes from the export to local files and an untimed one (optimized) "
+                      "brings the disks back. Legacy: close_disks under the install stun (an NBD flush "
+                      "and disconnect per disk), then install_mirror reopens each source (TCP connect, "
+                      "TLS and NBD handshakes); at switchover the destination is flushed, closed and "
+                      "reopened. Both strategies connect each remote destination under the install "
+                      "stun (docs/interfaces.md, install_mirror), and close each remote source under "
+                      "the switchover stun.")
     return case
 
 
@@ -264,6 +287,7 @@ class MoveRun:
     switch_seconds: float               # COMPLETED (None: no pivot); svmotion: switchover stun in
     trace: Trace                        # the plugin, QEMU: that window
     stalled: str = ""                   # QEMU: why it did not reach READY or pivot
+    copied: bool = True                 # QEMU: READY reached (else the copy window is a timeout)
 
 
 @contextlib.contextmanager
@@ -278,35 +302,28 @@ def qemu_nbd_destination(work: str, pki: Pki, size: int) -> Iterator[Dest]:
         os.unlink(target)
 
 
-def svmotion_move(ctx: Context, case: Case, work: str, source: str, pki: Pki, rate: float,
-                  dest: Callable[[], contextlib.AbstractContextManager[Dest]]) -> MoveRun:
-    """One migration of `source` to the destination `dest()` makes, under the load; the source is kept."""
-    with dest() as target, ctx.mirror_node(work, {"disk0": source}, extra=mirror_node_tls(pki)) as (node, drv, sock):
-        case.command(node.command)
-        lg = LoadGen([procs.nbd_uri(sock, "disk0")], os.path.join(work, "load"), rate=rate).start()
-        case.command(lg.command)
-        try:
-            time.sleep(ctx.cfg.pre_seconds)
-            m = drv.migrate(keep_old=True, dests={"disk0": target})
-            time.sleep(AFTER_SECONDS)
-            trace = lg.stop()
-        finally:
-            lg.kill()
+def svmotion_anchor_move(ctx: Context, case: Case, work: str, source: str, pki: Pki, rate: float,
+                         dest: Callable[[], contextlib.AbstractContextManager[Dest]]) -> MoveRun:
+    """svmotion_move in the anchor's terms."""
+    m, trace = svmotion_move(ctx, case, work, source, pki, rate, dest)
+    assert trace is not None
     return MoveRun((m.copy_started, m.copy_done), (m.flush_sent, m.finish_returned),
                    m.switchover.duration, trace)
 
 
 def qemu_move(ctx: Context, case: Case, work: str, source: str, pki: Pki, rate: float,
-              mode: str) -> MoveRun:
-    """One QEMU mirror of `source` over TLS under the load (cancelled when it does not pivot)."""
+              mode: str, export: Export | None = None) -> MoveRun:
+    """One QEMU mirror of `source` over TLS under the load, to QEMU's NBD server or to a file
+    behind `export` (cancelled when it does not pivot)."""
     cfg = ctx.cfg
     run = mirror_run(work, source, os.path.getsize(source), mode, rate, pre_seconds=cfg.pre_seconds,
-                     tls=pki, ready_timeout=cfg.anchor_ready_timeout, pivot_timeout=cfg.anchor_pivot_timeout,
-                     after_seconds=AFTER_SECONDS)
+                     tls=pki, export=export, ready_timeout=cfg.anchor_ready_timeout,
+                     pivot_timeout=cfg.anchor_pivot_timeout, after_seconds=AFTER_SECONDS)
     case.command(run.command)
     assert run.trace is not None
     if not run.converged:
-        return MoveRun((run.started, run.ready), None, math.nan, run.trace, run.stalled)
+        return MoveRun((run.started, run.ready), None, math.nan, run.trace, run.stalled,
+                       copied=not run.stalled.startswith("no READY"))
     return MoveRun((run.started, run.ready), (run.complete_sent, run.completed),
                    run.completed - run.complete_sent, run.trace)
 
@@ -323,22 +340,24 @@ def case_qemu_tls_anchor(ctx: Context) -> Case:
                       "QEMU from job-complete to BLOCK_JOB_COMPLETED (its target flush is inside the pivot). "
                       f"QEMU runs that reach no READY in {cfg.anchor_ready_timeout:g} s or no pivot in "
                       f"{cfg.anchor_pivot_timeout:g} s after job-complete are cancelled and listed below; "
-                      "their copy rows still count.")
+                      "their guest rates still count (over the whole wait when there was no READY). "
+                      "QEMU's NBD server (7.2) leaves Nagle on for its TCP clients, nbdkit does not: "
+                      "QEMU's write-blocking mirror also runs to the nbdkit export, the mirror node "
+                      "also to QEMU's server.")
     with remote_site(ctx, case, "qemu_tls_anchor") as (work, pki), tls_export(work, pki, "datastore-b") as export:
         case.command(export.service.command)
         source = images.make_dense(os.path.join(work, "disk0.raw"), cfg.anchor_disk)
-
-        def to_export() -> contextlib.AbstractContextManager[Dest]:
-            return _export_dest(export, source)
-
         systems: dict[str, Callable[[float], MoveRun]] = {
-            "svmotion -> nbdkit TLS export": lambda rate: svmotion_move(ctx, case, work, source, pki, rate, to_export),
-            "svmotion -> QEMU NBD server": lambda rate: svmotion_move(
+            "svmotion -> nbdkit TLS export": lambda rate: svmotion_anchor_move(
+                ctx, case, work, source, pki, rate, lambda: export_dest(export, source)),
+            "svmotion -> QEMU NBD server": lambda rate: svmotion_anchor_move(
                 ctx, case, work, source, pki, rate, lambda: qemu_nbd_destination(work, pki, cfg.anchor_disk)),
-            "QEMU background -> QEMU NBD server": lambda rate: qemu_move(ctx, case, work, source, pki, rate,
-                                                                          "background"),
-            "QEMU write-blocking -> QEMU NBD server": lambda rate: qemu_move(ctx, case, work, source, pki, rate,
-                                                                              "write-blocking"),
+            "QEMU background -> QEMU NBD server": lambda rate: qemu_move(
+                ctx, case, work, source, pki, rate, "background"),
+            "QEMU write-blocking -> QEMU NBD server": lambda rate: qemu_move(
+                ctx, case, work, source, pki, rate, "write-blocking"),
+            "QEMU write-blocking -> nbdkit TLS export": lambda rate: qemu_move(
+                ctx, case, work, source, pki, rate, "write-blocking", export),
         }
         for load, rate in (("20 MB/s", LOAD_RATE), ("max rate", 0)):
             runs: dict[str, list[MoveRun]] = {name: [] for name in systems}
@@ -359,15 +378,6 @@ def case_qemu_tls_anchor(ctx: Context) -> Case:
     return case
 
 
-@contextlib.contextmanager
-def _export_dest(export: Export, source: str) -> Iterator[Dest]:
-    target = images.make_empty(os.path.join(export.directory, "disk0.raw"), os.path.getsize(source))
-    try:
-        yield export.place.dest(target)
-    finally:
-        os.unlink(target)
-
-
 def _switch_waits(runs: list[MoveRun]) -> list[float]:
     """The guest-visible wait of each run's switch (runs that never switched have none)."""
     return [r.trace.max_wait(*r.switch_window) for r in runs if r.switch_window is not None]
@@ -380,8 +390,9 @@ def _anchor_rows(case: Case, label: str, runs: list[MoveRun]) -> None:
     case.add(f"{label}: guest write rate before", before, "B/s")
     case.add(f"{label}: guest write rate during the copy", during, "B/s")
     case.add(f"{label}: during / before", [ratio(d, b) for d, b in zip(during, before)], "%")
-    case.add(f"{label}: copy seconds (svmotion: copy passes; QEMU: to READY)",
-             [r.copy_window[1] - r.copy_window[0] for r in runs], "s")
+    copied = [r.copy_window[1] - r.copy_window[0] for r in runs if r.copied]
+    if copied:
+        case.add(f"{label}: copy seconds (svmotion: copy passes; QEMU: to READY)", copied, "s")
     if not switched:
         return   # the notes say why
     case.add(f"{label}: switch, guest-visible wait", _switch_waits(switched), "s")

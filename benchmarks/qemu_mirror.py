@@ -14,11 +14,13 @@ Design notes
   The error is bounded by the requests in flight at each reading (queue depth x 4 KiB).
 - Over TLS (issue 11's anchor, what libvirt's --copy-storage-all --tls sets up): the target is
   another daemon, QEMU's NBD server on TCP with tls-creds (verify-peer), and the source daemon
-  attaches it as an `nbd` node with client tls-creds. The guest still reaches the source daemon
-  over a Unix socket, as it reaches the mirror node, so the guest's own path has no TCP in it
-  (QEMU's NBD server leaves Nagle on for its clients); only the mirror's traffic crosses TCP,
-  from QEMU's NBD client. Copy amplification is not counted here: the target's writes are in
-  the other daemon.
+  attaches it as an `nbd` node with client tls-creds (or a file behind svmotion's nbdkit TLS
+  export, the same destination the mirror node gets). QEMU 7.2's NBD server leaves Nagle on for
+  its TCP clients (its client, like libnbd, sets TCP_NODELAY; seen with strace), so replies from
+  that server can wait for a delayed ACK (40 ms). The guest still reaches the source daemon
+  over a Unix socket, as it reaches the mirror node, so the guest's own path has no TCP in it;
+  only the mirror's traffic crosses TCP, from QEMU's NBD client. Copy amplification is not
+  counted here: the target's writes are in the other process.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from . import images, procs
 from .loadgen import LoadGen, Trace
 from .qmp import QMPClient, QMPError
-from .remote import Pki
+from .remote import Export, Pki
 
 READY_TIMEOUT = 90.0
 PIVOT_TIMEOUT = 60.0
@@ -65,18 +67,22 @@ class QemuMirrorRun:
 
 def mirror_run(work: str, source: str, size: int, mode: str, load_rate: float | None,
                pre_seconds: float = 1.5, ready_seconds: float = 0.5,
-               loadgen_span: int = 0, tls: Pki | None = None, ready_timeout: float = READY_TIMEOUT,
-               pivot_timeout: float = PIVOT_TIMEOUT, after_seconds: float = 0.2) -> QemuMirrorRun:
+               loadgen_span: int = 0, tls: Pki | None = None, export: Export | None = None,
+               ready_timeout: float = READY_TIMEOUT, pivot_timeout: float = PIVOT_TIMEOUT,
+               after_seconds: float = 0.2) -> QemuMirrorRun:
     """Mirror `source` to a fresh target under an optional guest load (None = idle, 0 = max rate);
-    with `tls`, the target is another daemon's NBD export over TLS (module notes). The load runs
-    on for `after_seconds` after the pivot (the guest served from the target)."""
-    target = os.path.join(work, "qemu-target.raw")
+    with `tls`, the target is another daemon's NBD export over TLS (module notes), or a file
+    behind `export` when one is given. The load runs on for `after_seconds` after the pivot (the
+    guest served from the target)."""
+    target = os.path.join(export.directory if export else work, "qemu-target.raw")
     images.make_empty(target, size)
     sock, qmp_path = os.path.join(work, "qsd.sock"), os.path.join(work, "qsd.qmp")
     run = QemuMirrorRun(mode, size)
     server: procs.Service | None = None
     if tls is None:
         target_node = procs.qemu_file_target(target)
+    elif export is not None:
+        target_node = procs.qemu_nbd_tls_target(export.port, os.path.basename(target), tls.client)
     else:
         server, port = procs.start_on_free_port(
             lambda p: procs.qemu_tls_nbd_server(target, p, tls.server, work))
