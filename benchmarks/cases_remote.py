@@ -27,12 +27,15 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from agent.jsonlines import RemoteError
+
 from . import images, procs, tools
 from .cases import (LOAD_RATE, Context, install_wait, many_disks_command, size_label, stun_window_wait,
                     strategy_runs, switchover_wait)
 from .loadgen import LoadGen, Trace
 from .qemu_mirror import mirror_run
-from .remote import Export, Pki, make_pki, mirror_node_tls, timed_handshake, tls_export, tls_uri
+from .remote import (Export, Pki, make_pki, mirror_node_tls, timed_backend, timed_handshake, tls_export,
+                     tls_uri)
 from .report import Case
 from .stats import ratio, summarize
 from .svm import Dest, Migration, Place
@@ -132,24 +135,52 @@ def export_dest(export: Export, source: str) -> Iterator[Dest]:
         os.unlink(target)
 
 
+Moved = tuple[Migration, Trace | None] | str   # a migration and its guest, or why it failed
+
+
 def svmotion_move(ctx: Context, case: Case, work: str, source: str, pki: Pki, rate: float | None,
-                  dest: Callable[[], contextlib.AbstractContextManager[Dest]]) -> tuple[Migration, Trace | None]:
+                  dest: Callable[[], contextlib.AbstractContextManager[Dest]]) -> Moved:
     """One migration of the local disk `source` to the destination `dest()` makes, by a fresh
     mirror node under a fresh guest (None: idle), which goes on for AFTER_SECONDS on the
-    destination; the source is kept for the next one."""
+    destination; the source is kept for the next one. A migration that fails (a destination
+    request past its deadline fails the mirror, by design) is returned as its error: the
+    mirror node, and with it the failed migration, is discarded."""
     with dest() as target, ctx.mirror_node(work, {"disk0": source}, extra=mirror_node_tls(pki)) as (node, drv, sock):
         case.command(node.command)
-        if rate is None:
-            return drv.migrate(keep_old=True, dests={"disk0": target}), None
-        lg = LoadGen([procs.nbd_uri(sock, "disk0")], os.path.join(work, "load"), rate=rate).start()
-        case.command(lg.command)
+        lg = None
+        if rate is not None:
+            lg = LoadGen([procs.nbd_uri(sock, "disk0")], os.path.join(work, "load"), rate=rate).start()
+            case.command(lg.command)
         try:
-            time.sleep(ctx.cfg.pre_seconds)
-            m = drv.migrate(keep_old=True, dests={"disk0": target})
+            time.sleep(ctx.cfg.pre_seconds if lg else 0)
+            try:
+                m = drv.migrate(keep_old=True, dests={"disk0": target})
+            except (RuntimeError, RemoteError) as err:
+                return f"{type(err).__name__}: {err}"
+            if lg is None:
+                return m, None
             time.sleep(AFTER_SECONDS)
             return m, lg.stop()
         finally:
-            lg.kill()
+            if lg is not None:
+                lg.kill()
+
+
+def successful_moves(case: Case, label: str, count: int, move: Callable[[], Moved]
+                     ) -> list[tuple[Migration, Trace | None]]:
+    """`count` successful migrations, at most twice as many attempts; failures go to the notes."""
+    done: list[tuple[Migration, Trace | None]] = []
+    failures: list[str] = []
+    while len(done) < count and len(done) + len(failures) < 2 * count:
+        result = move()
+        if isinstance(result, str):
+            failures.append(result)
+        else:
+            done.append(result)
+    if failures:
+        case.notes.append(f"{label}: {len(failures)} of {len(done) + len(failures)} migrations failed, "
+                          f"first: {failures[0]}")
+    return done
 
 
 def case_remote_switchover(ctx: Context) -> Case:
@@ -163,8 +194,9 @@ def case_remote_switchover(ctx: Context) -> Case:
         case.command(export.service.command)
         disk = images.make_dense(os.path.join(work, "disk0.raw"), cfg.stun_disk)
         for label, rate in loads:
-            runs = [svmotion_move(ctx, case, work, disk, pki, rate, lambda: export_dest(export, disk))
-                    for _ in range(cfg.remote_migrations)]
+            runs = successful_moves(case, label, cfg.remote_migrations,
+                                    lambda: svmotion_move(ctx, case, work, disk, pki, rate,
+                                                          lambda: export_dest(export, disk)))
             _switchover_rows(case, label, runs)
             case.verdict(f"switchover stun p99 in the plugin, {label}",
                          summarize([m.switchover.duration for m, _ in runs])["p99"], STUN_TARGET, "lower", "s")
@@ -248,6 +280,10 @@ def case_remote_strategies(ctx: Context) -> Case:
         probe = images.make_empty(os.path.join(b.directory, "probe.raw"), cfg.legacy_disk)
         case.add("one libnbd client: TCP connect + TLS + NBD handshake, idle",
                  [timed_handshake(b.uri("probe.raw"), pki) for _ in range(HANDSHAKES)], "s")
+        backends = [timed_backend(b.uri("probe.raw"), pki) for _ in range(HANDSHAKES)]
+        case.add("the mirror node's NBD backend (in the harness): open, idle", [o for o, _ in backends], "s")
+        case.add("the mirror node's NBD backend (in the harness): close with its links open, idle",
+                 [c for _, c in backends], "s")
         os.unlink(probe)
         here = os.path.join(work, "local")
         os.makedirs(here)
@@ -303,9 +339,12 @@ def qemu_nbd_destination(work: str, pki: Pki, size: int) -> Iterator[Dest]:
 
 
 def svmotion_anchor_move(ctx: Context, case: Case, work: str, source: str, pki: Pki, rate: float,
-                         dest: Callable[[], contextlib.AbstractContextManager[Dest]]) -> MoveRun:
-    """svmotion_move in the anchor's terms."""
-    m, trace = svmotion_move(ctx, case, work, source, pki, rate, dest)
+                         dest: Callable[[], contextlib.AbstractContextManager[Dest]]) -> MoveRun | str:
+    """svmotion_move in the anchor's terms (or why it failed)."""
+    moved = svmotion_move(ctx, case, work, source, pki, rate, dest)
+    if isinstance(moved, str):
+        return moved
+    m, trace = moved
     assert trace is not None
     return MoveRun((m.copy_started, m.copy_done), (m.flush_sent, m.finish_returned),
                    m.switchover.duration, trace)
@@ -347,7 +386,7 @@ def case_qemu_tls_anchor(ctx: Context) -> Case:
     with remote_site(ctx, case, "qemu_tls_anchor") as (work, pki), tls_export(work, pki, "datastore-b") as export:
         case.command(export.service.command)
         source = images.make_dense(os.path.join(work, "disk0.raw"), cfg.anchor_disk)
-        systems: dict[str, Callable[[float], MoveRun]] = {
+        systems: dict[str, Callable[[float], MoveRun | str]] = {
             "svmotion -> nbdkit TLS export": lambda rate: svmotion_anchor_move(
                 ctx, case, work, source, pki, rate, lambda: export_dest(export, source)),
             "svmotion -> QEMU NBD server": lambda rate: svmotion_anchor_move(
@@ -364,6 +403,9 @@ def case_qemu_tls_anchor(ctx: Context) -> Case:
             for _ in range(cfg.anchor_reps):
                 for name, move in systems.items():   # interleaved: a noisy neighbour hits all alike
                     done = move(rate)
+                    if isinstance(done, str):
+                        case.notes.append(f"{name}, {load}: migration failed: {done}")
+                        continue
                     runs[name].append(done)
                     if done.stalled:
                         case.notes.append(f"{name}, {load}: {done.stalled}")

@@ -26,6 +26,7 @@ from typing import Iterator
 import nbd
 
 from agent.certs import init as tls_init, parse_host
+from nbd_plugin.backend_nbd import NbdBackend, NbdOptions
 
 from . import procs
 from .svm import Place
@@ -101,3 +102,17 @@ def timed_handshake(uri: str, pki: Pki) -> float:
     seconds = time.monotonic() - start
     h.shutdown()
     return seconds
+
+
+def timed_backend(uri: str, pki: Pki, settle: float = 0.2) -> tuple[float, float]:
+    """The mirror node's own NBD backend, in this process: seconds to open it on `uri` as
+    install_mirror opens a destination under the stun (the first link; with multi-conn the
+    others open in the background), and, once those are open, to close it as the switchover
+    closes a remote source."""
+    start = time.monotonic()
+    backend = NbdBackend(uri, NbdOptions(tls_certificates=pki.client), dest=True)
+    opened = time.monotonic() - start
+    time.sleep(settle)
+    start = time.monotonic()
+    backend.close()
+    return opened, time.monotonic() - start
