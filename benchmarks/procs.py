@@ -224,13 +224,15 @@ def qemu_storage_daemon(source: str, target: Sequence[str], sock: str, qmp: str,
     The source is a plain `file` node (raw), host page cache on, aio=threads: the same I/O path
     the mirror node uses (buffered pread/pwrite), so the comparison is of the mirrors only.
     """
+    # The daemon takes its options in order: the monitor first, so that QMP listens by the time
+    # the NBD socket (the readiness probe) does.
     argv = ["qemu-storage-daemon",
+            "--chardev", f"socket,path={qmp},server=on,wait=off,id=qmp0",
+            "--monitor", "chardev=qmp0",
             "--blockdev", f"driver=file,node-name=src,filename={source},aio=threads",
             *target,
             "--nbd-server", f"addr.type=unix,addr.path={sock}",
-            "--export", f"type=nbd,id=exp0,node-name=src,name={export},writable=on",
-            "--chardev", f"socket,path={qmp},server=on,wait=off,id=qmp0",
-            "--monitor", "chardev=qmp0"]
+            "--export", f"type=nbd,id=exp0,node-name=src,name={export},writable=on"]
     return Service("qemu-storage-daemon", argv, sock, log_dir)
 
 
