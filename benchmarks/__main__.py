@@ -5,7 +5,7 @@ Design notes
   (tests/bench/) uses it so the harness cannot rot; its figures mean nothing.
 - `--cases 1,5` runs a subset (case 4 comes with case 3: one run measures both). The remote
   cases of issue 11 (cases_remote.py) have names: remote_bulk, remote_switchover,
-  remote_strategies, qemu_tls_anchor.
+  remote_strategies, qemu_tls_anchor, remote_shaped (network namespaces: needs root).
 - Work files live in a fresh directory under --workdir (default /var/tmp, a real disk, not
   tmpfs) and are removed at the end; every server is stopped by its PID.
 - A case that fails is recorded with its error and the run goes on: a partial table is

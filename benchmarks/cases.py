@@ -66,6 +66,9 @@ class Config:
     anchor_reps: int = 3
     anchor_ready_timeout: float = 30.0   # QEMU: READY, then the pivot, or the run is reported as stalled
     anchor_pivot_timeout: float = 15.0
+    shaped_sizes: tuple[int, ...] = (64 * MiB, 256 * MiB)
+    shaped_rates: tuple[int, ...] = (100_000_000, 200_000_000)   # bit/s
+    shaped_reps: int = 3
 
 
 FULL = Config("full")
@@ -75,7 +78,8 @@ QUICK = Config("quick", stun_disk=16 * MiB, stun_migrations=2, qemu_reps=1, floo
                sparse_reps=1, fio_image=64 * MiB, fio_seconds=1.0, fio_reps=1,
                scale_virtual=64 * GiB, scale_disks=4, scale_disk_size=1 * GiB, pre_seconds=0.5,
                remote_bulk_disk=32 * MiB, remote_bulk_reps=1, remote_migrations=2,
-               anchor_disk=32 * MiB, anchor_reps=1, anchor_ready_timeout=10.0, anchor_pivot_timeout=3.0)
+               anchor_disk=32 * MiB, anchor_reps=1, anchor_ready_timeout=10.0, anchor_pivot_timeout=3.0,
+               shaped_sizes=(8 * MiB, 16 * MiB), shaped_rates=(200_000_000,), shaped_reps=1)
 
 
 class Context:

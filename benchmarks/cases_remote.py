@@ -4,12 +4,14 @@ Design notes
 - The other host is this machine over TCP 127.0.0.1 (remote.py): its datastore export is the
   command line agent/export.py runs, TLS required and the client's certificate verified. What
   these cases measure is therefore TLS, the NBD protocol and the mirror node's pipelines, with
-  the network reduced to loopback; a shaped link between two network namespaces is not here
-  (it waits for agent/netns.py).
+  the network reduced to loopback, except in remote_shaped.
 - Same harness as cases.py: the mirror node is driven over its control socket (svm.py), the
   guest is the open-loop writer (loadgen.py), repetitions are interleaved where two systems
   are compared, every server is started and stopped by PID, every case works in its own
   directory.
+- remote_shaped puts the two hosts in network namespaces joined by a veth (agent/netns.py) and
+  shapes host a's sending side with TBF: the copy's data flows a -> b, so the shaping limits
+  the migration, and the way back (b -> a, untimed) is not shaped.
 - Every timed migration starts from the same situation. The switchover case (and the anchor)
   start a fresh mirror node and a fresh guest on the same local disk for each migration: a
   guest that was served from the other host, or by a migration from it, carries a backlog at
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from agent.jsonlines import RemoteError
+from agent.netns import Host, Lab
 
 from . import images, procs, tools
 from .cases import (LOAD_RATE, Context, install_wait, many_disks_command, size_label, stun_window_wait,
@@ -38,7 +41,7 @@ from .remote import (Export, Pki, make_pki, mirror_node_tls, timed_backend, time
                      tls_uri)
 from .report import Case
 from .stats import ratio, summarize
-from .svm import Dest, Migration, Place
+from .svm import Dest, Migration, MirrorNodeDriver, Place
 
 STUN_TARGET = 0.010          # the issue's switchover stun target, seconds
 BULK_TARGET = 0.8            # svmotion / nbdcopy
@@ -447,9 +450,68 @@ def _anchor_rows(case: Case, label: str, runs: list[MoveRun]) -> None:
              after, "s")
 
 
+# --- remote_shaped ------------------------------------------------------------------------------
+
+def case_remote_shaped(ctx: Context) -> Case:
+    cfg = ctx.cfg
+    case = Case("remote_shaped", "Migration over a shaped link",
+                "reported, no target: migration time against disk size / link rate, host a -> host b "
+                "(network namespaces, TBF on a's veth), beside nbdcopy over the same link")
+    with remote_site(ctx, case, "remote_shaped") as (work, pki), Lab("svmbench") as lab, \
+            tls_export(work, pki, "datastore-b", host=lab["b"]) as export:
+        a = lab["a"]
+        case.command(f"(agent/netns.py) Lab('svmbench', ('a', 'b')): hosts a {a.address}, "
+                     f"b {lab['b'].address}, one veth; host b: " + export.service.command)
+        for size in cfg.shaped_sizes:
+            disk = images.make_dense(os.path.join(work, "disk0.raw"), size)
+            with contextlib.ExitStack() as stack:
+                with a.entered():   # the mirror node runs on host a
+                    node, drv, _ = stack.enter_context(ctx.mirror_node(work, {"disk0": disk},
+                                                                       extra=mirror_node_tls(pki)))
+                case.command(f"host a: {node.command}")
+                for rate in cfg.shaped_rates:
+                    a.shape(rate)
+                    case.command(f"host a: tc qdisc replace dev eth0 root tbf rate {rate}bit "
+                                 "burst 65536 latency 50ms (Host.shape)")
+                    try:
+                        _shaped_rows(case, a, drv, export, pki, rate, Place(work), cfg.shaped_reps)
+                    finally:
+                        a.unshape()
+            for name in os.listdir(work):
+                if name.startswith("disk0") and name.endswith(".raw"):
+                    os.unlink(os.path.join(work, name))
+    case.notes.append("Idle guest, optimized strategy, sync mirror; each timed migration (a -> b) is "
+                      "followed by an untimed one back to a local file on host a. Link time = disk size "
+                      "/ TBF rate, the least any copy over the link can take.")
+    return case
+
+
+def _shaped_rows(case: Case, host: Host, drv: MirrorNodeDriver, export: Export, pki: Pki,
+                 rate: int, home: Place, reps: int) -> None:
+    """`reps` migrations of the (local) disk to `export` and back, and as many nbdcopy runs."""
+    size = os.path.getsize(drv.files["disk0"])
+    label = f"{size_label(size)} at {rate / 1e6:g} Mbit/s"
+    migrations, copies = [], []
+    for _ in range(reps):
+        migrations.append(drv.migrate(place=export.place))
+        drv.migrate(place=home)
+        with host.entered():   # nbdcopy runs on host a too, over the same link
+            took, copy = nbdcopy_to_export(drv.files["disk0"], export, pki)
+        os.unlink(copy)
+        copies.append(took)
+    link = size * 8 / rate
+    case.add(f"{label}: svmotion whole migration", [m.total_seconds for m in migrations], "s")
+    case.add(f"{label}: svmotion bulk copy and passes", [m.copy_seconds for m in migrations], "s")
+    case.add(f"{label}: nbdcopy --flush, same file, same link", copies, "s")
+    case.add(f"{label}: svmotion migration / link time ({link:.2f} s)",
+             [m.total_seconds / link for m in migrations], "ratio")
+    case.add(f"{label}: nbdcopy / link time", [c / link for c in copies], "ratio")
+
+
 CASES: dict[str, Callable[[Context], Case]] = {
     "remote_bulk": case_remote_bulk,
     "remote_switchover": case_remote_switchover,
     "remote_strategies": case_remote_strategies,
     "qemu_tls_anchor": case_qemu_tls_anchor,
+    "remote_shaped": case_remote_shaped,
 }

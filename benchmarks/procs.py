@@ -142,7 +142,8 @@ def _accepts(address: Address) -> bool:
 
 
 def free_port() -> int:
-    """A TCP port on the loopback address that nobody listens on right now."""
+    """A TCP port on the loopback address that nobody listens on right now (in the calling
+    thread's network namespace)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
@@ -185,13 +186,13 @@ def python_floor(image: str, sock: str, log_dir: str, threads: int = NBDKIT_THRE
 
 
 def nbdkit_tls_export(exports_dir: str, certificates: str, port: int, log_dir: str,
-                      name: str = "nbdkit-tls-export") -> Service:
+                      name: str = "nbdkit-tls-export", address: str = LOOPBACK) -> Service:
     """The other host's datastore export: nbdkit's `file` plugin serving every file of
-    `exports_dir` by name on 127.0.0.1:`port`, TLS required and the client's certificate
+    `exports_dir` by name on `address`:`port`, TLS required and the client's certificate
     verified, the command line agent/export.py runs (there the port comes by socket activation)."""
     argv = export_command(certificates, exports_dir)
-    argv[1:1] = ["--exit-with-parent", "--ipaddr", LOOPBACK, "--port", str(port)]
-    return Service(name, argv, (LOOPBACK, port), log_dir)
+    argv[1:1] = ["--exit-with-parent", "--ipaddr", address, "--port", str(port)]
+    return Service(name, argv, (address, port), log_dir)
 
 
 def mirror_node(vm: str, disks: Sequence[tuple[str, str]], sock: str, control: str,

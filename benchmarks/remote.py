@@ -4,13 +4,16 @@ Design notes
 - The other host is this machine reached over TCP 127.0.0.1: its datastore is a directory, its
   export is nbdkit's `file` plugin serving every file there by name, TLS required and the
   client's certificate verified, exactly the command line agent/export.py runs for a host's
-  datastores (procs.nbdkit_tls_export). The harness creates and deletes the files behind the
+  datastores (procs.nbdkit_tls_export). Or it is host "b" of a lab of network namespaces
+  (agent/netns.py), when a case needs a link between the hosts that it can shape; processes
+  started while the calling thread is on a lab host (`Host.entered`) run there. The harness creates and deletes the files behind the
   exports directly (DiskCreate and Cleanup of the other host's agent do the same to its
   datastore); only the data goes over NBD.
 - Certificates come from agent/certs.py, what `svmotion tls init DIR --host hosta --host
   hostb,127.0.0.1` writes: "hosta" is the mirror node's host (its directory is the client side:
-  ca-cert.pem, client-cert.pem, client-key.pem), "hostb" every export's (server side; the name
-  127.0.0.1 is in its certificate because clients check it against the address they dial).
+  ca-cert.pem, client-cert.pem, client-key.pem), "hostb" every export's (server side; the names
+  127.0.0.1 and the lab's host "b" address are in its certificate because clients check it
+  against the address they dial).
   The same directories serve nbdkit, libnbd (the mirror node's tls-certificates=, nbdcopy's URI)
   and QEMU's tls-creds-x509, which all read these file names.
 """
@@ -26,12 +29,14 @@ from typing import Iterator
 import nbd
 
 from agent.certs import init as tls_init, parse_host
+from agent.netns import Host, host_address
 from nbd_plugin.backend_nbd import NbdBackend, NbdOptions
 
 from . import procs
 from .svm import Place
 
-CLIENT_HOST, SERVER_HOST = "hosta", "hostb,127.0.0.1"
+CLIENT_HOST = "hosta"
+SERVER_HOST = f"hostb,127.0.0.1,{host_address(1)}"   # also host "b" of a netns lab (remote_shaped)
 
 
 @dataclass(frozen=True)
@@ -52,31 +57,36 @@ def make_pki(root: str) -> Pki:
 
 @dataclass
 class Export:
-    """A running TLS export of `directory` on 127.0.0.1:`port`."""
+    """A running TLS export of `directory` on `address`:`port`."""
 
     directory: str
+    address: str
     port: int
     service: procs.Service
 
     def uri(self, name: str) -> str:
         """The nbds:// URI of the file `name` in the exported directory."""
-        return f"nbds://{procs.LOOPBACK}:{self.port}/{name}"
+        return f"nbds://{self.address}:{self.port}/{name}"
 
     @property
     def place(self) -> Place:
         """Destinations made in this export's directory and reached through it."""
-        return Place(self.directory, f"nbds://{procs.LOOPBACK}:{self.port}/")
+        return Place(self.directory, self.uri(""))
 
 
 @contextlib.contextmanager
-def tls_export(work: str, pki: Pki, name: str) -> Iterator[Export]:
-    """The other host's datastore `work/name` served over TLS, stopped on the way out."""
+def tls_export(work: str, pki: Pki, name: str, host: Host | None = None) -> Iterator[Export]:
+    """The other host's datastore `work/name` served over TLS (on 127.0.0.1, or on a lab's
+    `host`), stopped on the way out."""
     directory = os.path.join(work, name)
     os.makedirs(directory, exist_ok=True)
-    service, port = procs.start_on_free_port(
-        lambda p: procs.nbdkit_tls_export(directory, pki.server, p, work, name=f"nbdkit-{name}"))
+    address = host.address if host else procs.LOOPBACK
+    with host.entered() if host else contextlib.nullcontext():
+        service, port = procs.start_on_free_port(
+            lambda p: procs.nbdkit_tls_export(directory, pki.server, p, work, name=f"nbdkit-{name}",
+                                              address=address))
     try:
-        yield Export(directory, port, service)
+        yield Export(directory, address, port, service)
     finally:
         service.stop()
 
