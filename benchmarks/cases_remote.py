@@ -234,28 +234,35 @@ def case_remote_switchover(ctx: Context) -> Case:
 
 
 def _ceiling_rows(ctx: Context, case: Case, work: str, pki: Pki, export: Export) -> None:
-    """What the guest path through the mirror node can carry at all, the disk here or there:
-    max-rate 4 KiB writes, QD 8, for CAPACITY_SECONDS (the paced load is judged against it)."""
+    """What the guest path can carry at all: max-rate 4 KiB writes, QD 8, for CAPACITY_SECONDS,
+    through the mirror node with the disk here or there, and straight to the export (the paced
+    load is judged against these)."""
     size = ctx.cfg.stun_disk
     for where, file, location in (
-            ("a local file", os.path.join(work, "ceiling.raw"), None),
-            ("the other host (nbds://)", os.path.join(export.directory, "ceiling.raw"), export.uri("ceiling.raw"))):
+            ("through the mirror node, disk on a local file", os.path.join(work, "ceiling.raw"), None),
+            ("through the mirror node, disk on the other host (nbds://)",
+             os.path.join(export.directory, "ceiling.raw"), export.uri("ceiling.raw")),
+            ("straight to the other host's export (libnbd, no mirror node)",
+             os.path.join(export.directory, "ceiling.raw"), export.uri("ceiling.raw"))):
         images.make_dense(file, size)
-        with ctx.mirror_node(work, {"disk0": location or file}, vm="ceiling", files={"disk0": file},
-                             extra=mirror_node_tls(pki)) as (node, _, sock):
-            case.command(node.command)
-            lg = LoadGen([procs.nbd_uri(sock, "disk0")], os.path.join(work, "ceiling"), rate=0).start()
-            try:
-                time.sleep(CAPACITY_SECONDS)
-                trace = lg.stop()
-            finally:
-                lg.kill()
+        with contextlib.ExitStack() as stack:
+            if where.startswith("straight"):
+                lg = LoadGen([location], os.path.join(work, "ceiling"), rate=0, tls_certificates=pki.client)
+            else:
+                node, _, sock = stack.enter_context(ctx.mirror_node(
+                    work, {"disk0": location or file}, vm="ceiling", files={"disk0": file},
+                    extra=mirror_node_tls(pki)))
+                case.command(node.command)
+                lg = LoadGen([procs.nbd_uri(sock, "disk0")], os.path.join(work, "ceiling"), rate=0)
+            case.command(lg.command)
+            stack.callback(lg.kill)
+            lg.start()
+            time.sleep(CAPACITY_SECONDS)
+            trace = lg.stop()
         os.unlink(file)
         window = (trace.meta["start"] + 0.2, trace.meta["stopped"])
-        case.add(f"ceiling: max-rate writes through the mirror node, disk on {where}: rate",
-                 [trace.throughput(*window)], "B/s")
-        case.add(f"ceiling: max-rate writes through the mirror node, disk on {where}: latency",
-                 trace.latencies(*window), "s")
+        case.add(f"ceiling: max-rate writes {where}: rate", [trace.throughput(*window)], "B/s")
+        case.add(f"ceiling: max-rate writes {where}: latency", trace.latencies(*window), "s")
 
 
 def _switchover_rows(case: Case, label: str, runs: list[tuple[Migration, Trace | None]]) -> None:
