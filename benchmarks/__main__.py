@@ -3,7 +3,9 @@
 Design notes
 - `--quick` runs every case with tiny disks and one repetition: the smoke test
   (tests/bench/) uses it so the harness cannot rot; its figures mean nothing.
-- `--cases 1,5` runs a subset (case 4 comes with case 3: one run measures both).
+- `--cases 1,5` runs a subset (case 4 comes with case 3: one run measures both). The remote
+  cases of issue 11 (cases_remote.py) have names: remote_bulk, remote_switchover,
+  remote_strategies, qemu_tls_anchor, remote_shaped (network namespaces: needs root).
 - Work files live in a fresh directory under --workdir (default /var/tmp, a real disk, not
   tmpfs) and are removed at the end; every server is stopped by its PID.
 - A case that fails is recorded with its error and the run goes on: a partial table is
@@ -22,9 +24,11 @@ import time
 import traceback
 
 from . import report
-from .cases import CASES, FULL, QUICK, Context
+from .cases import CASES as LOCAL_CASES, FULL, QUICK, Context
+from .cases_remote import CASES as REMOTE_CASES
 from .report import Case
 
+CASES = {**LOCAL_CASES, **REMOTE_CASES}
 ANALYSIS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ANALYSIS.md")
 
 

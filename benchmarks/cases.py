@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from nbd_plugin.backend import write_back_in_slices
 
@@ -25,7 +25,7 @@ from .loadgen import LoadGen, Trace
 from .qemu_mirror import mirror_run
 from .report import Case
 from .stats import ratio, summarize
-from .svm import MirrorNodeDriver, Migration
+from .svm import MirrorNodeDriver, Migration, Place
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 LOAD_RATE = 20_000_000  # 20 MB/s of 4 KiB random writes, the issue's paced load
@@ -59,6 +59,16 @@ class Config:
     scale_disks: int = 32
     scale_disk_size: int = 64 * GiB
     pre_seconds: float = 1.5
+    remote_bulk_disk: int = 1 * GiB
+    remote_bulk_reps: int = 3
+    remote_migrations: int = 30
+    anchor_disk: int = 512 * MiB
+    anchor_reps: int = 3
+    anchor_ready_timeout: float = 30.0   # QEMU: READY, then the pivot, or the run is reported as stalled
+    anchor_pivot_timeout: float = 15.0
+    shaped_sizes: tuple[int, ...] = (64 * MiB, 256 * MiB)
+    shaped_rates: tuple[int, ...] = (100_000_000, 200_000_000)   # bit/s
+    shaped_reps: int = 3
 
 
 FULL = Config("full")
@@ -66,7 +76,10 @@ QUICK = Config("quick", stun_disk=16 * MiB, stun_migrations=2, qemu_reps=1, floo
                legacy_disk=1 * MiB, legacy_reps=1, legacy_counts=(1, 4), during_disk=64 * MiB, during_reps=2,
                bulk_disk=64 * MiB, bulk_reps=1, sparse_virtual=4 * GiB, sparse_data=64 * MiB,
                sparse_reps=1, fio_image=64 * MiB, fio_seconds=1.0, fio_reps=1,
-               scale_virtual=64 * GiB, scale_disks=4, scale_disk_size=1 * GiB, pre_seconds=0.5)
+               scale_virtual=64 * GiB, scale_disks=4, scale_disk_size=1 * GiB, pre_seconds=0.5,
+               remote_bulk_disk=32 * MiB, remote_bulk_reps=1, remote_migrations=2,
+               anchor_disk=32 * MiB, anchor_reps=1, anchor_ready_timeout=10.0, anchor_pivot_timeout=3.0,
+               shaped_sizes=(8 * MiB, 16 * MiB), shaped_rates=(200_000_000,), shaped_reps=1)
 
 
 class Context:
@@ -86,13 +99,15 @@ class Context:
             shutil.rmtree(path, ignore_errors=True)
 
     @contextlib.contextmanager
-    def mirror_node(self, work: str, disks: dict[str, str], vm: str = "vm1"
+    def mirror_node(self, work: str, disks: dict[str, str], vm: str = "vm1",
+                    files: dict[str, str] | None = None, extra: Sequence[str] = ()
                     ) -> Iterator[tuple[procs.Service, MirrorNodeDriver, str]]:
-        """A running mirror node serving `disks` {name: path}, its control driver, its NBD socket."""
+        """A running mirror node serving `disks` {name: path or URI}, its control driver, its NBD
+        socket; `files` are the files behind URIs, `extra` further plugin parameters."""
         sock, control = os.path.join(work, f"{vm}.nbd"), os.path.join(work, f"{vm}.ctl")
-        node = procs.mirror_node(vm, list(disks.items()), sock, control, work)
+        node = procs.mirror_node(vm, list(disks.items()), sock, control, work, extra=extra)
         with node:
-            driver = MirrorNodeDriver(control, disks)
+            driver = MirrorNodeDriver(control, disks, files)
             try:
                 yield node, driver, sock
             finally:
@@ -255,28 +270,51 @@ def case_strategies(ctx: Context) -> Case:
             disks = {f"disk{i}": images.make_dense(os.path.join(work, f"disk{i}.raw"), cfg.legacy_disk)
                      for i in range(n)}
             with ctx.mirror_node(work, disks) as (node, drv, sock):
-                case.command(node.command if n <= 4 else node.command.split(" disk=disk4")[0] +
-                             f" ... (disk=diskI:PATH for I < {n}) control=... lease=2.0")
-                for load_label, rate in (("idle", None), ("20 MB/s", LOAD_RATE)):
-                    results: dict[str, list[Migration]] = {"optimized": [], "legacy": []}
-                    lg = None
-                    if rate is not None:
-                        loaded = [procs.nbd_uri(sock, f"disk{i}") for i in range(min(n, 4))]
-                        lg = LoadGen(loaded, os.path.join(work, "load"), rate=rate,
-                                     qd=max(2, 8 // len(loaded))).start()
-                        case.command(lg.command)
-                        time.sleep(cfg.pre_seconds)
-                    try:
-                        for _ in range(cfg.legacy_reps):
-                            for strategy in results:
-                                results[strategy].append(drv.migrate(strategy=strategy))
-                                time.sleep(SETTLE if lg else 0.02)
-                        trace = lg.stop() if lg else None
-                    finally:
-                        if lg:
-                            lg.kill()
-                    _strategy_rows(case, n, load_label, results, trace)
+                case.command(many_disks_command(node, n))
+                strategy_runs(ctx, case, work, drv, sock, n)
     return case
+
+
+def many_disks_command(node: procs.Service, n: int) -> str:
+    """A mirror node's command line, its disks after the fourth elided."""
+    if n <= 4:
+        return node.command
+    head, _, tail = node.command.partition(" disk=disk4:")
+    return head + f" ... (disk=diskI:... for I < {n}) " + tail[tail.index(" control="):].strip()
+
+
+def strategy_runs(ctx: Context, case: Case, work: str, drv: MirrorNodeDriver, sock: str, n: int,
+                  places: Iterator[Place] | None = None, home: Place | None = None,
+                  variant: str = "") -> None:
+    """Both strategies interleaved, idle then under the paced load (on up to 4 disks), and their
+    rows (`variant` added to their labels); each migration's destinations go to the next of
+    `places` (default: beside the disks), and with `home` every timed migration is followed by
+    an untimed one (optimized) back there, so that each timed one starts from the same place."""
+    cfg = ctx.cfg
+    for load, rate in (("idle", None), ("20 MB/s", LOAD_RATE)):
+        load_label = load + variant
+        results: dict[str, list[Migration]] = {"optimized": [], "legacy": []}
+        lg = None
+        if rate is not None:
+            loaded = [procs.nbd_uri(sock, f"disk{i}") for i in range(min(n, 4))]
+            lg = LoadGen(loaded, os.path.join(work, "load"), rate=rate,
+                         qd=max(2, 8 // len(loaded))).start()
+            case.command(lg.command)
+            time.sleep(cfg.pre_seconds)
+        try:
+            for _ in range(cfg.legacy_reps):
+                for strategy in results:
+                    place = next(places) if places is not None else None
+                    results[strategy].append(drv.migrate(strategy=strategy, place=place))
+                    time.sleep(SETTLE if lg else 0.02)
+                    if home is not None:
+                        drv.migrate(place=home)
+                        time.sleep(SETTLE if lg else 0.02)
+            trace = lg.stop() if lg else None
+        finally:
+            if lg:
+                lg.kill()
+        _strategy_rows(case, n, load_label, results, trace)
 
 
 def _strategy_rows(case: Case, n: int, load: str, results: dict[str, list[Migration]],
@@ -391,7 +429,7 @@ def case_during_copy(ctx: Context) -> tuple[Case, Case]:
                     amp[f"{key}, at READY"].append(run.target_bytes_ready / size)
                     amp[f"{key}, at pivot"].append(run.target_bytes_done / size)
                 else:
-                    c4.notes.append(f"{key}: did not reach READY within the timeout under max-rate writes")
+                    c4.notes.append(f"{key}: {run.stalled} under max-rate writes")
         c4.command("QEMU: /proc/PID/io wchar of qemu-storage-daemon minus the guest's completed "
                    "bytes (query-blockstats has no per-node write counters)")
     for key in frac:
@@ -547,7 +585,7 @@ def case_scale(ctx: Context) -> Case:
             case.command(node.command + "  # sparse, no data")
             rss0 = procs.rss_bytes(node.pid)
             dests = drv.next_dests()
-            big_install = drv.install("optimized", "sync", 65536, dests)
+            big_install = drv.install("optimized", "sync", 65536, {n: d.location for n, d in dests.items()})
             rss1 = procs.rss_bytes(node.pid)
             status = drv.status()["disks"]["disk0"]
             start = time.monotonic()
@@ -555,7 +593,7 @@ def case_scale(ctx: Context) -> Case:
             copy_s = time.monotonic() - start
             rss2 = procs.rss_bytes(node.pid)
             drv.abort()
-            dest_alloc = images.allocated_bytes(dests["disk0"])
+            dest_alloc = images.allocated_bytes(dests["disk0"].file)
         tib = cfg.scale_virtual / TiB
         map_bytes = status.get("dirty_map_bytes")
         case.add(f"{size_label(cfg.scale_virtual)} sparse disk: nbdkit RSS, passthrough", [rss0], "B")

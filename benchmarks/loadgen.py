@@ -46,7 +46,8 @@ MAX_SELECT_WAIT = 0.1
 class OpenLoopWriter:
     """Writes `bs`-byte blocks at random aligned offsets over several NBD connections."""
 
-    def __init__(self, uris: Sequence[str], bs: int, qd: int, rate: float, span: int, seed: int):
+    def __init__(self, uris: Sequence[str], bs: int, qd: int, rate: float, span: int, seed: int,
+                 tls_certificates: str | None = None):
         self.bs = bs
         self.qd = qd
         self.interval = bs / rate if rate > 0 else 0.0
@@ -54,6 +55,8 @@ class OpenLoopWriter:
         self.blocks: list[int] = []
         for uri in uris:
             h = nbd.NBD()
+            if tls_certificates:   # libnbd takes no certificate directory from a URI by default
+                h.set_tls_certificates(tls_certificates)
             h.connect_uri(uri)
             self.handles.append(h)
             self.blocks.append(max(1, min(h.get_size(), span or h.get_size()) // bs))
@@ -157,9 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=0, help="seconds; 0 = until SIGTERM")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", required=True, help="output prefix: PREFIX.bin and PREFIX.json")
+    ap.add_argument("--tls-certificates", help="directory with ca-cert.pem, client-cert.pem, "
+                    "client-key.pem, for nbds:// URIs")
     args = ap.parse_args(argv)
 
-    writer = OpenLoopWriter(args.uri, args.bs, args.qd, args.rate, args.span, args.seed)
+    writer = OpenLoopWriter(args.uri, args.bs, args.qd, args.rate, args.span, args.seed, args.tls_certificates)
 
     def stop(_signum: int, _frame: object) -> None:
         writer.stopping = True
@@ -224,6 +229,11 @@ class Trace:
         """Latency from due time of every completed request that was due in [t0, t1]."""
         return [d - s for s, d in zip(self.due, self.done) if t0 <= s <= t1 and not math.isnan(d)]
 
+    def service_times(self, t0: float, t1: float) -> list[float]:
+        """Send-to-completion time of every completed request sent in [t0, t1]: the server's
+        latency without the writer's own backlog (which `latencies` includes)."""
+        return [d - s for s, d in zip(self.sent, self.done) if t0 <= s <= t1 and not math.isnan(d)]
+
     def max_wait(self, t0: float, t1: float) -> float:
         """The longest latency of any request in the system at some point of [t0, t1]."""
         longest = 0.0
@@ -247,11 +257,13 @@ class LoadGen:
     """The harness side: start the writer as a child process, stop it, load its trace."""
 
     def __init__(self, uris: Sequence[str], out_prefix: str, rate: float = 0, qd: int = 8,
-                 bs: int = 4096, span: int = 0, seed: int = 1):
+                 bs: int = 4096, span: int = 0, seed: int = 1, tls_certificates: str | None = None):
         self.out_prefix = out_prefix
         self.argv = [sys.executable, "-m", "benchmarks.loadgen", "--bs", str(bs), "--qd", str(qd),
                      "--rate", str(int(rate)), "--span", str(span), "--seed", str(seed),
                      "--out", out_prefix]
+        if tls_certificates:
+            self.argv += ["--tls-certificates", tls_certificates]
         for uri in uris:
             self.argv += ["--uri", uri]
         self.proc: subprocess.Popen[str] | None = None

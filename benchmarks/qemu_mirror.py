@@ -12,6 +12,15 @@ Design notes
   syscalls) minus the guest's bytes completed in the same interval (each guest write reaches the
   source file once). Replies to NBD clients and QMP go through sendmsg and are not counted.
   The error is bounded by the requests in flight at each reading (queue depth x 4 KiB).
+- Over TLS (issue 11's anchor, what libvirt's --copy-storage-all --tls sets up): the target is
+  another daemon, QEMU's NBD server on TCP with tls-creds (verify-peer), and the source daemon
+  attaches it as an `nbd` node with client tls-creds (or a file behind svmotion's nbdkit TLS
+  export, the same destination the mirror node gets). QEMU 7.2's NBD server leaves Nagle on for
+  its TCP clients (its client, like libnbd, sets TCP_NODELAY; seen with strace), so replies from
+  that server can wait for a delayed ACK (40 ms). The guest still reaches the source daemon
+  over a Unix socket, as it reaches the mirror node, so the guest's own path has no TCP in it;
+  only the mirror's traffic crosses TCP, from QEMU's NBD client. Copy amplification is not
+  counted here: the target's writes are in the other process.
 """
 from __future__ import annotations
 
@@ -21,9 +30,11 @@ from dataclasses import dataclass
 
 from . import images, procs
 from .loadgen import LoadGen, Trace
-from .qmp import QMPClient
+from .qmp import QMPClient, QMPError
+from .remote import Export, Pki
 
 READY_TIMEOUT = 90.0
+PIVOT_TIMEOUT = 60.0
 
 
 @dataclass
@@ -38,7 +49,8 @@ class QemuMirrorRun:
     completed: float = 0.0        # BLOCK_JOB_COMPLETED received
     target_bytes_ready: int = 0
     target_bytes_done: int = 0
-    converged: bool = True
+    converged: bool = True        # reached READY and then pivoted
+    stalled: str = ""             # why not, when it did not
     trace: Trace | None = None
     command: str = ""
 
@@ -55,14 +67,29 @@ class QemuMirrorRun:
 
 def mirror_run(work: str, source: str, size: int, mode: str, load_rate: float | None,
                pre_seconds: float = 1.5, ready_seconds: float = 0.5,
-               loadgen_span: int = 0) -> QemuMirrorRun:
-    """Mirror `source` to a fresh target under an optional guest load (None = idle, 0 = max rate)."""
-    target = os.path.join(work, "qemu-target.raw")
+               loadgen_span: int = 0, tls: Pki | None = None, export: Export | None = None,
+               ready_timeout: float = READY_TIMEOUT, pivot_timeout: float = PIVOT_TIMEOUT,
+               after_seconds: float = 0.2) -> QemuMirrorRun:
+    """Mirror `source` to a fresh target under an optional guest load (None = idle, 0 = max rate);
+    with `tls`, the target is another daemon's NBD export over TLS (module notes), or a file
+    behind `export` when one is given. The load runs on for `after_seconds` after the pivot (the
+    guest served from the target)."""
+    target = os.path.join(export.directory if export else work, "qemu-target.raw")
     images.make_empty(target, size)
     sock, qmp_path = os.path.join(work, "qsd.sock"), os.path.join(work, "qsd.qmp")
     run = QemuMirrorRun(mode, size)
-    daemon = procs.qemu_storage_daemon(source, target, sock, qmp_path, work)
-    run.command = daemon.command + f"  # QMP: blockdev-mirror sync=full copy-mode={mode}; job-complete"
+    server: procs.Service | None = None
+    if tls is None:
+        target_node = procs.qemu_file_target(target)
+    elif export is not None:
+        target_node = procs.qemu_nbd_tls_target(export.port, os.path.basename(target), tls.client)
+    else:
+        server, port = procs.start_on_free_port(
+            lambda p: procs.qemu_tls_nbd_server(target, p, tls.server, work))
+        target_node = procs.qemu_nbd_tls_target(port, "disk0", tls.client)
+    daemon = procs.qemu_storage_daemon(source, target_node, sock, qmp_path, work)
+    run.command = ((server.command + "\n") if server else "") + daemon.command + \
+        f"  # QMP: blockdev-mirror sync=full copy-mode={mode}; job-complete"
     loadgen = None
     try:
         daemon.start()
@@ -76,21 +103,28 @@ def mirror_run(work: str, source: str, size: int, mode: str, load_rate: float | 
         qmp.execute("blockdev-mirror", **{"job-id": "mirror0", "device": "src", "target": "tgt",
                                           "sync": "full", "copy-mode": mode})
         try:
-            run.ready = qmp.wait_event("BLOCK_JOB_READY", READY_TIMEOUT)["_received"]
-        except Exception:
+            run.ready = qmp.wait_event("BLOCK_JOB_READY", ready_timeout)["_received"]
+        except QMPError:
             run.converged = False
+            run.stalled = f"no READY within {ready_timeout:.0f} s"
             run.ready = time.monotonic()
         w_ready, t_w_ready = procs.written_chars(daemon.pid), time.monotonic()
         if run.converged:
             time.sleep(ready_seconds)  # a mirror in READY state keeps mirroring; then pivot
             run.complete_sent = time.monotonic()
             qmp.execute("job-complete", id="mirror0")
-            run.completed = qmp.wait_event("BLOCK_JOB_COMPLETED", 60)["_received"]
-        else:
-            qmp.execute("job-cancel", id="mirror0", force=True)
+            try:
+                run.completed = qmp.wait_event("BLOCK_JOB_COMPLETED", pivot_timeout)["_received"]
+            except QMPError:
+                # The pivot waits for a clean dirty bitmap; guest writes that dirty it faster
+                # than the mirror copies keep it from ever coming.
+                run.converged = False
+                run.stalled = f"no pivot within {pivot_timeout:.0f} s of job-complete"
+        if not run.converged:
+            qmp.execute("block-job-cancel", device="mirror0", force=True)
         w_done, t_w_done = procs.written_chars(daemon.pid), time.monotonic()
         if loadgen is not None:
-            time.sleep(0.2)
+            time.sleep(after_seconds)
             run.trace = loadgen.stop()
             guest_ready = run.trace.completed_bytes(run.started, t_w_ready)
             guest_done = run.trace.completed_bytes(run.started, t_w_done)
@@ -103,6 +137,8 @@ def mirror_run(work: str, source: str, size: int, mode: str, load_rate: float | 
         if loadgen is not None:
             loadgen.kill()
         daemon.stop()
+        if server is not None:
+            server.stop()
         if os.path.exists(target):
             os.unlink(target)
     return run

@@ -12,6 +12,11 @@ Design notes
   many migrations run against one nbdkit process and one steady guest load.
 - Copy completion is polled through `status` every POLL seconds: cheap enough not to steal
   the plugin's CPU from the guest, fine enough for copy rates measured over seconds.
+- Where destinations go: beside each disk's current file by default, or in a `Place`: a
+  directory, maybe exported by an NBD server on the other host, so the mirror node is given the
+  file's nbds:// URI while the harness creates and deletes the file itself (every host's files
+  are on this machine). A disk's location (what the mirror node serves it from: path or URI)
+  and its file are therefore kept apart.
 """
 from __future__ import annotations
 
@@ -26,6 +31,26 @@ from . import images
 
 POLL = 0.02
 LEASE = 2.0
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where destination disks are made: a directory, and the URI prefix that reaches its files
+    from the mirror node ("" for local files, which it opens by path)."""
+
+    directory: str
+    uri_prefix: str = ""
+
+    def dest(self, file: str) -> "Dest":
+        return Dest(self.uri_prefix + os.path.basename(file) if self.uri_prefix else file, file)
+
+
+@dataclass(frozen=True)
+class Dest:
+    """One disk's destination: what install_mirror is given, and the file behind it."""
+
+    location: str   # a path or an NBD URI
+    file: str
 
 
 @dataclass
@@ -75,9 +100,12 @@ class Migration:
 class MirrorNodeDriver:
     """A control connection to one VM's mirror node and the migrations run through it."""
 
-    def __init__(self, control: str, disks: dict[str, str]):
+    def __init__(self, control: str, disks: dict[str, str], files: dict[str, str] | None = None):
+        """`disks` {name: path or URI} as the mirror node serves them; `files` the files behind
+        URIs (by default the disks are local files)."""
         self.client = JsonLinesClient(control, timeout=120.0)
-        self.paths = dict(disks)  # disk name -> current path (source of the next migration)
+        self.paths = dict(disks)  # disk name -> current location (source of the next migration)
+        self.files = dict(files if files is not None else disks)  # disk name -> its file
         self.generation = 0
 
     def status(self) -> dict[str, Any]:
@@ -125,33 +153,37 @@ class MirrorNodeDriver:
         self.client.call("copy", kind=kind, rate=rate)
         return self.wait_copy(timeout)
 
-    def next_dests(self, make_files: bool = True) -> dict[str, str]:
-        """Fresh destination paths beside each disk's current file, created at the right size."""
+    def next_dests(self, place: Place | None = None) -> dict[str, Dest]:
+        """Fresh destinations, created at the right size: in `place`, else beside each disk's file."""
         self.generation += 1
         dests = {}
-        for name, path in self.paths.items():
-            base = path.split(".m")[0].removesuffix(".raw")
+        for name, file in self.files.items():
+            base = file.split(".m")[0].removesuffix(".raw")
+            if place is not None:
+                base = os.path.join(place.directory, os.path.basename(base))
             # A driver may start on a disk an earlier driver already migrated: skip taken names.
-            while os.path.exists(dest := f"{base}.m{self.generation}.raw"):
+            while os.path.exists(path := f"{base}.m{self.generation}.raw"):
                 self.generation += 1
-            if make_files:
-                images.make_empty(dest, os.path.getsize(path))
-            dests[name] = dest
+            images.make_empty(path, os.path.getsize(file))
+            dests[name] = (place or Place(os.path.dirname(path))).dest(path)
         return dests
 
     def migrate(self, strategy: str = "optimized", mode: str = "sync", granularity: int = 65536,
                 rate: int = 0, stun_budget: float = 0.05, copy_timeout: float = 600.0,
                 max_dirty_passes: int = 20, keep_old: bool = False,
                 after_install: Callable[[], None] | None = None,
-                after_copy: Callable[[], None] | None = None) -> Migration:
-        """One full migration of every disk to fresh files; the old files are deleted afterwards.
+                after_copy: Callable[[], None] | None = None,
+                place: Place | None = None, dests: dict[str, Dest] | None = None) -> Migration:
+        """One full migration of every disk to fresh files (in `place`, or the given `dests`);
+        the old files are deleted afterwards.
 
         `after_install` runs once the mirror is installed and before the copy (case 8 reads the
         plugin's memory there); `after_copy` once the copy passes are done, before flush_dest
         (case 3 measures the guest on a mirror with no copy running there)."""
         m = Migration(strategy, mode, started=time.monotonic())
-        dests = self.next_dests()
-        m.install = self.install(strategy, mode, granularity, dests)
+        if dests is None:
+            dests = self.next_dests(place)
+        m.install = self.install(strategy, mode, granularity, {n: d.location for n, d in dests.items()})
         if after_install is not None:
             after_install()
         m.copy_started = time.monotonic()
@@ -178,26 +210,31 @@ class MirrorNodeDriver:
             m.switchover = self.unstun(stun_id, t0)
         self.client.call("finish")
         m.finish_returned = time.monotonic()
-        old = self.paths
-        self.paths = dests
+        old = self.files
+        self.paths = {n: d.location for n, d in dests.items()}
+        self.files = {n: d.file for n, d in dests.items()}
         if not keep_old:
-            for path in old.values():
-                os.unlink(path)
+            for file in old.values():
+                os.unlink(file)
         m.finished = time.monotonic()
         return m
 
-    def bulk_copy_only(self, granularity: int = 65536) -> float:
+    def bulk_copy_only(self, granularity: int = 65536, place: Place | None = None,
+                       check: Callable[[dict[str, Dest]], None] | None = None) -> float:
         """Install the mirror, run the bulk copy and flush_dest, abort back to the source; the
-        seconds from the copy's start until the copy is durable."""
-        dests = self.next_dests()
-        self.install("optimized", "sync", granularity, dests)
+        seconds from the copy's start until the copy is durable. `check` sees the copies
+        before they are deleted."""
+        dests = self.next_dests(place)
+        self.install("optimized", "sync", granularity, {n: d.location for n, d in dests.items()})
         start = time.monotonic()
         self.copy("bulk", 0, timeout=600)
         self.client.call("flush_dest")
         seconds = time.monotonic() - start
         self.abort()
+        if check is not None:
+            check(dests)
         for dest in dests.values():
-            os.unlink(dest)
+            os.unlink(dest.file)
         return seconds
 
     def abort(self) -> None:

@@ -64,8 +64,10 @@ def timed_copy(argv: list[str], dest: str, timeout: float = 300) -> float:
     return seconds
 
 
-def nbdcopy_argv(source: str, dest: str) -> list[str]:
-    return ["nbdcopy", source, dest]
+def nbdcopy_argv(source: str, dest: str, flush: bool = False) -> list[str]:
+    """nbdcopy's command; `flush`: the destination flushed before it exits (an NBD destination,
+    whose file the harness cannot fdatasync through the server)."""
+    return ["nbdcopy", *(["--flush"] if flush else []), source, dest]
 
 
 def cp_argv(source: str, dest: str) -> list[str]:
