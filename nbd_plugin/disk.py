@@ -63,6 +63,7 @@ class Disk:
         self.copy_job: CopyJob | None = None
         self.rewritten: DirtyMap | None = None     # chunks the guest updated since the switchover
         self.prepared: tuple[str, Backend] | None = None   # a destination opened ahead of its stun
+        self.retired: Backend | None = None        # the source after the switchover, until `finish`
         self.stats = DiskStats()
 
     # --- data path: one method per NBD op ---------------------------------------------------
@@ -193,12 +194,15 @@ class Disk:
         # Must be zero: the switchover copied every dirty chunk under this drained stun.
         assert self.mirror.map.dirty_count() == 0, "switch with dirty chunks"
         dest = self.mirror.dest
-        self.primary.close()
-        if reopen:  # legacy: today's flow closes and reopens the disk at switchover
+        if reopen:  # legacy: today's flow closes the source and reopens the disk at switchover
+            self.primary.close()
             dest.flush()
             dest.close()
             dest = open_backend(dest.path, self.remote)
         else:
+            # Nothing reaches the source any more; closing it (for an NBD source, each link's
+            # disconnect) waits for `finish`, after the stun.
+            self.retired = self.primary
             dest.become_primary()
         self.rewritten = DirtyMap(self.size, self.mirror.map.granularity, all_dirty=False)
         self.primary = dest
@@ -209,7 +213,13 @@ class Disk:
     def finish(self) -> None:
         """After switchover: an ordinary disk again, on its new path, ready for another migration."""
         assert self.state == SWITCHED
+        self._close_retired()
         self.state = PASSTHROUGH
+
+    def _close_retired(self) -> None:
+        if self.retired is not None:
+            self.retired.close()
+            self.retired = None
 
     def start_copy(self, kind: str, rate: int) -> None:
         assert self.mirror is not None and self.primary is not None
@@ -258,6 +268,7 @@ class Disk:
     def close(self) -> None:
         self.stop_copy()
         self.discard_prepared()
+        self._close_retired()
         if self.mirror is not None:
             self.mirror.close()
         if self.primary is not None:
