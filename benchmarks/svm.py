@@ -2,7 +2,7 @@
 
 Design notes
 - This walks the same steps as the agent's phase engine (docs/interfaces.md, section 2) but
-  without the agent, so what is timed is the data path: stun, install_mirror, unstun, the copy
+  without the agent, so what is timed is the data path: prepare_mirror, stun, install_mirror, unstun, the copy
   passes, flush_dest, the switchover stun, finish. Each stun is timed three ways: the plugin's
   StunRecord (duration_seconds: gate closed to gate open; max_wait_seconds: the longest wait
   of a held guest request), and the harness's own window from sending `stun` to the `unstun`
@@ -121,14 +121,15 @@ class MirrorNodeDriver:
 
     def install(self, strategy: str, mode: str, granularity: int,
                 dests: dict[str, str]) -> StunTiming:
-        """The Stun/Unstun phases: one stun in which the mirror goes onto every disk."""
+        """The Stun/Unstun phases: the destinations opened first (prepare_mirror, as the agent does),
+        then one stun in which the mirror goes onto every disk."""
+        specs = {name: {"dest": dest, "mode": mode, "granularity": granularity} for name, dest in dests.items()}
+        self.client.call("prepare_mirror", disks=specs)
         stun_id, t0 = self.stun("mirror_install")
         try:
             if strategy == "legacy":
                 self.client.call("close_disks", stun_id=stun_id)
-            self.client.call("install_mirror", stun_id=stun_id, disks={
-                name: {"dest": dest, "mode": mode, "granularity": granularity}
-                for name, dest in dests.items()})
+            self.client.call("install_mirror", stun_id=stun_id, disks=specs)
         finally:
             timing = self.unstun(stun_id, t0)
         return timing
