@@ -17,10 +17,12 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nbd
+import nbdremote
 import pytest
 
 from agent.jsonlines import RemoteError
@@ -63,6 +65,29 @@ def sparse_file(path: Path, size: int) -> Path:
     with open(path, "wb") as f:
         f.truncate(size)
     return path
+
+
+@dataclass
+class ToExport:
+    """A dense local disk0 served by a mirror node, and a sparse TLS export of its size on "host b"."""
+
+    disks: dict[str, Path]
+    dest_file: Path
+    server: nbdremote.NbdServer
+    node: Any
+    ctl: Any
+
+
+def to_export(tmp_path: Path, testlib, pki, start_nbd_server, start_mirror_node, size: int,
+              dest_timeout: float | None = None, filters: tuple[str, ...] = ()) -> ToExport:
+    """The set-up of the tests of a destination in trouble (`filters`: nbdkit's, on the export)."""
+    (tmp_path / "src").mkdir()
+    disks = {"disk0": testlib.make_dense_image(tmp_path / "src" / "disk0.raw", size)}
+    dest_file = sparse_file(tmp_path / "hostb" / "disk0.raw", size)
+    server = start_nbd_server(dest_file, transport="tcp", tls="x509", filters=filters)
+    timeout = (f"dest-timeout={dest_timeout}",) if dest_timeout is not None else ()
+    node = start_mirror_node(disks, lease=2.0, extra=tls_args(pki, "x509") + timeout)
+    return ToExport(disks, dest_file, server, node, node.client())
 
 
 def remote_dests(start_nbd_server, directory: Path, sources: dict[str, Path], transport: str,
@@ -650,13 +675,9 @@ def test_a_destination_that_stops_answering_fails_the_mirror_not_the_guest(
     """A frozen destination (SIGSTOP: its connections stay open, nothing answers), as on a dead
     link: guest writes complete within the destination deadline plus a margin, without error;
     the mirror is failed, the switchover refused, and the abort brings back the plain source."""
-    dest_timeout, size = 0.5, 16 * MiB
-    (tmp_path / "src").mkdir()
-    disks = {"disk0": testlib.make_dense_image(tmp_path / "src" / "disk0.raw", size)}
-    dest_file = sparse_file(tmp_path / "hostb" / "disk0.raw", size)
-    server = start_nbd_server(dest_file, transport="tcp", tls="x509")
-    node = start_mirror_node(disks, lease=2.0, extra=tls_args(pki, "x509") + (f"dest-timeout={dest_timeout}",))
-    ctl = node.client()
+    dest_timeout = 0.5
+    site = to_export(tmp_path, testlib, pki, start_nbd_server, start_mirror_node, 16 * MiB, dest_timeout)
+    disks, server, node, ctl = site.disks, site.server, site.node, site.ctl
     flow = Flow(ctl, disks, {"disk0": server.uri}, rate=4 * MiB)
     writer = start_writer(node, connections=2, queue_depth=4, rate=4 * MiB, fua_ratio=0.1, flush_ratio=0.05)
     try:
@@ -698,14 +719,10 @@ def test_a_guest_flush_alone_on_a_dead_link_waits_one_deadline(tmp_path: Path, t
                                                                 start_mirror_node) -> None:
     """Nothing but the guest's flush is in flight when the destination freezes: the flush returns
     within the destination deadline (not the backend's longer flush deadline), the mirror failed."""
-    dest_timeout, size = 0.5, 4 * MiB
-    (tmp_path / "src").mkdir()
-    disks = {"disk0": testlib.make_dense_image(tmp_path / "src" / "disk0.raw", size)}
-    dest_file = sparse_file(tmp_path / "hostb" / "disk0.raw", size)
-    server = start_nbd_server(dest_file, transport="tcp", tls="x509")
-    node = start_mirror_node(disks, lease=2.0, extra=tls_args(pki, "x509") + (f"dest-timeout={dest_timeout}",))
-    ctl = node.client()
-    flow = Flow(ctl, disks, {"disk0": server.uri})
+    dest_timeout = 0.5
+    site = to_export(tmp_path, testlib, pki, start_nbd_server, start_mirror_node, 4 * MiB, dest_timeout)
+    server, node, ctl = site.server, site.node, site.ctl
+    flow = Flow(ctl, site.disks, {"disk0": server.uri})
     flow.install()
     flow.copy("bulk")                    # all clean: nothing of the copier's is in flight below
     guest = nbd.NBD()
@@ -784,16 +801,11 @@ def test_a_destination_that_returns_eio_fails_the_mirror_not_the_guest(
     """A destination whose writes start failing with EIO (nbdkit's error filter, switched on by a
     file) during the bulk copy: the guest sees no error, the mirror is failed, the abort brings
     back the plain source with everything the guest wrote."""
-    size = 16 * MiB
-    (tmp_path / "src").mkdir()
-    disks = {"disk0": testlib.make_dense_image(tmp_path / "src" / "disk0.raw", size)}
-    dest_file = sparse_file(tmp_path / "hostb" / "disk0.raw", size)
     trigger = tmp_path / "eio-now"
-    server = start_nbd_server(dest_file, transport="tcp", tls="x509",
-                              filters=("--filter=error", "error-pwrite=EIO", "error-pwrite-rate=100%",
-                                       f"error-pwrite-file={trigger}"))
-    node = start_mirror_node(disks, lease=2.0, extra=tls_args(pki, "x509"))
-    ctl = node.client()
+    site = to_export(tmp_path, testlib, pki, start_nbd_server, start_mirror_node, 16 * MiB,
+                     filters=("--filter=error", "error-pwrite=EIO", "error-pwrite-rate=100%",
+                              f"error-pwrite-file={trigger}"))
+    disks, server, node, ctl = site.disks, site.server, site.node, site.ctl
     flow = Flow(ctl, disks, {"disk0": server.uri}, rate=4 * MiB)
     writer = start_writer(node, connections=2, queue_depth=4, rate=4 * MiB, fua_ratio=0.1, flush_ratio=0.05)
     try:
@@ -818,13 +830,8 @@ def test_a_prepared_destination_is_connected_before_the_stun(tmp_path: Path, tes
     """prepare_mirror opens the export outside the stun; install_mirror under the stun then needs no
     new connection: it succeeds while the export is frozen (a new TLS handshake could not). An
     install to another destination, or an abort, closes what was prepared."""
-    size = 4 * MiB
-    (tmp_path / "src").mkdir()
-    disks = {"disk0": testlib.make_dense_image(tmp_path / "src" / "disk0.raw", size)}
-    dest_file = sparse_file(tmp_path / "hostb" / "disk0.raw", size)
-    server = start_nbd_server(dest_file, transport="tcp", tls="x509")
-    node = start_mirror_node(disks, extra=tls_args(pki, "x509") + ("dest-timeout=0.5",))
-    ctl = node.client()
+    site = to_export(tmp_path, testlib, pki, start_nbd_server, start_mirror_node, 4 * MiB, 0.5)
+    server, ctl = site.server, site.ctl
     spec = {"disk0": {"dest": server.uri}}
     ctl.call("prepare_mirror", disks=spec)
     server.freeze()
