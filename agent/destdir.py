@@ -299,7 +299,7 @@ class DatastoreDir:
         self._nbd_port: int | None = None
         self._targets: dict[str, str] = {}
         self._cleaned = False
-        self._lock = threading.Lock()      # the rollback may run beside nothing else, but be safe
+        self._lock = threading.Lock()      # one connection, one request at a time on it
         self.leftovers = leftovers
 
     @property
