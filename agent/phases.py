@@ -664,11 +664,14 @@ class Migration:
     def _creating(self, path: str, create: Callable[[], str]) -> str:
         """Create a destination object, recorded for the rollback first: a create whose reply was
         lost (the destination host stopped answering) may have happened."""
-        self._created.append(path)
+        recorded = path not in self._created      # a resumed job's journal may list it already
+        if recorded:
+            self._created.append(path)
         try:
             return create()
         except (FileExistsError, Refused):
-            self._created.remove(path)       # answered, and not made: not ours to remove
+            if recorded:
+                self._created.remove(path)   # answered, and not made: not ours to remove
             raise
 
     def _sync_files(self, name: str, sources: list[str] | None = None) -> FileSync:
