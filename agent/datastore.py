@@ -329,7 +329,8 @@ class DatastoreService:
         """FileCreate, sidecars: a piece of a small file (base64 `data`) at `offset` of a partial.
 
         Offset 0 creates or truncates the partial; a later piece must start at its current end.
-        `sha256`: the digest of the whole file after this piece (what the file mirror records).
+        `mode`: the file's mode after this piece (the last piece has the source's). `sha256`: the
+        digest of the whole file after this piece (what the file mirror records).
         """
         try:
             data = base64.b64decode(request["data"], validate=True)
@@ -353,6 +354,7 @@ class DatastoreService:
                     raise Refused(f"{where.path!r} has {size} bytes, the piece starts at {offset}; send the pieces "
                                   f"in order, the first at offset 0")
                 _pwrite_all(fd, data, offset)
+                os.fchmod(fd, request["mode"])
                 reply: dict[str, Any] = {"bytes": offset + len(data)}
                 if request["sha256"]:
                     reply["sha256"] = _sha256(fd)

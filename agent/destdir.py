@@ -263,10 +263,10 @@ class _RemoteWriter:
             del self._buffer[:WRITE_PIECE]
 
     def finish(self, length: int, mode: int) -> None:
+        # The last piece (empty if the file ended at a piece's end) carries the source's mode.
         self._mode = mode
-        if self._buffer or self._sent == 0:
-            self._send(bytes(self._buffer))
-            self._buffer.clear()
+        self._send(bytes(self._buffer))
+        self._buffer.clear()
         assert self._sent == length, (self._sent, length)
 
     def abandon(self) -> None:

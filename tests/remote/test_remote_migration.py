@@ -128,6 +128,9 @@ def test_there_and_back_under_writer(lab_vm, lab_ds_host: DatastoreHost, tmp_pat
 
 def test_four_disks_with_files_and_sidecars(lab_vm, lab_ds_host: DatastoreHost) -> None:
     vm = lab_vm(n_disks=4, size=16 * MiB)
+    vm.files[0].chmod(0o640)
+    (vm.sidecars["disk1"][0]).write_bytes(os.urandom(700 * 1024))     # more than one ds_write_file piece
+    (vm.sidecars["disk1"][0]).chmod(0o604)
     there, dest = remote_dir(lab_ds_host, "vm-four")
     writer = vm.writer(rate=1 * MiB)
     writer.start()
@@ -142,6 +145,7 @@ def test_four_disks_with_files_and_sidecars(lab_vm, lab_ds_host: DatastoreHost) 
     assert_model(writer, {d: there / f"{d}.raw" for d in vm.disks}, "on b")
     for f in vm.files + [s for side in vm.sidecars.values() for s in side]:
         assert (there / f.name).read_bytes() == f.read_bytes()
+        assert (there / f.name).stat().st_mode == f.stat().st_mode, f.name
     assert partials(there) == []
     # What the agent remembers: disks at B's exports, files as HOST:PORT:/path.
     paths = json.loads((vm.state / "vm1.paths.json").read_text())
