@@ -234,6 +234,21 @@ class AgentProcess:
             assert self.proc.poll() is None, f"the agent exited:\n{self.log_text()}"
             time.sleep(0.02)
 
+    def migrate_killed_and_resumed(self, dest: str, point: str) -> dict[str, Any]:
+        """`migrate` to `dest` with the agent started with SVMOTION_INJECT hold:POINT: SIGKILL the
+        agent there, start it again without the hold, and return the resumed migration's record
+        (which must be a success that says it was resumed)."""
+        started = self.cli("migrate", self.name, "--dest", dest, "--no-wait")
+        assert started.returncode == 0, started.stderr
+        self.wait_for_log(f"SVMOTION_INJECT hold at {point}")
+        self.kill_agent()
+        time.sleep(0.3)              # the guest goes on writing while no agent runs
+        self.start()                 # no injection now: the restarted agent resumes
+        last = self.wait_done()
+        assert last["state"] == "success", last
+        assert any("resumed" in w for w in last["warnings"]), last["warnings"]
+        return last
+
     def served_paths(self) -> dict[str, str]:
         """Where the VM's nbdkit serves each disk from (a path or an NBD URI)."""
         return {d["name"]: d["path"] for d in self.plugin("hello")["disks"]}

@@ -35,15 +35,7 @@ def test_agent_killed_after_the_switchover_step_finishes_on_the_destination(agen
     writer = vm.writer()
     writer.start()
     try:
-        started = vm.cli("migrate", vm.name, "--dest", str(dest_dir), "--no-wait")
-        assert started.returncode == 0, started.stderr
-        vm.wait_for_log(f"SVMOTION_INJECT hold at {point}")
-        vm.kill_agent()
-        time.sleep(0.3)              # the guest goes on writing while no agent runs
-        vm.start()                   # no injection now: the restarted agent resumes
-        last = vm.wait_done()
-        assert last["state"] == "success", last
-        assert any("resumed" in w for w in last["warnings"]), last["warnings"]
+        vm.migrate_killed_and_resumed(str(dest_dir), point)
         time.sleep(0.2)
     finally:
         report = writer.stop()

@@ -266,15 +266,7 @@ def test_the_agent_killed_on_the_way_to_b_resumes_and_b_serves_the_disks_after_a
     writer = vm.writer(rate=1 * MiB)
     writer.start()
     try:
-        started = vm.cli("migrate", vm.name, "--dest", dest, "--no-wait")
-        assert started.returncode == 0, started.stderr
-        vm.wait_for_log(f"SVMOTION_INJECT hold at {point}")
-        vm.kill_agent()
-        time.sleep(0.3)              # the guest goes on writing while no agent runs
-        vm.start()                   # no injection now: the restarted agent resumes
-        last = vm.wait_done()
-        assert last["state"] == "success", last
-        assert any("resumed" in w for w in last["warnings"]), last["warnings"]
+        vm.migrate_killed_and_resumed(dest, point)
         served = vm.served_paths()
         assert all(u.startswith(f"nbds://{lab_ds_host.address}:{lab_ds_host.nbd_port}/") for u in served.values())
         time.sleep(0.3)
