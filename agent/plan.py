@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from agent.destdir import DestDir
 
 STRATEGIES = ("optimized", "legacy")
-MIRROR_MODES = ("sync", "dirty")
+MIRROR_MODES = ("sync", "async", "dirty")
 PARTIAL_SUFFIX = ".svmotion-partial"
 
 
