@@ -212,7 +212,7 @@ api_values = st.recursive(api_leaves, lambda inner: st.lists(inner, max_size=3) 
 # that every check is reached, not only the first. No good dest exists (see the module notes).
 API_GOOD = {"vm": st.just("vm1"), "dest": st.just("/nonexistent/dest"),
             "strategy": st.sampled_from(["optimized", "legacy"]), "rate": st.integers(0, 1 << 40),
-            "mirror": st.sampled_from(["sync", "dirty"]), "granularity": st.sampled_from([4096, 65536, 64 * MiB]),
+            "mirror": st.sampled_from(["sync", "async", "dirty"]), "granularity": st.sampled_from([4096, 65536, 64 * MiB]),
             "stun_budget": st.sampled_from([0.05, 1, 10]), "delete_source": st.booleans(),
             "max_passes": st.integers(1, 1000), "samples": st.booleans()}
 

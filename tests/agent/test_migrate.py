@@ -23,7 +23,7 @@ def assert_no_partials(dest: Path) -> None:
 
 
 @pytest.mark.parametrize("disks", [1, 4])
-@pytest.mark.parametrize("mirror", ["sync", "dirty"])
+@pytest.mark.parametrize("mirror", ["sync", "async", "dirty"])
 @pytest.mark.parametrize("strategy", ["optimized", "legacy"])
 def test_migration_under_writer(agent_vm, dest_dir: Path, tmp_path: Path, strategy: str, mirror: str,
                                 disks: int) -> None:
