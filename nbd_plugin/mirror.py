@@ -163,8 +163,8 @@ class Mirror:
         if not self.sender.offer(send):
             self._left_to_copier(offset, count)
 
-    def _sent(self, send: Send) -> None:
-        self._stats.dest_written(send.count)
+    def _sent(self, nbytes: int) -> None:
+        self._stats.dest_written(nbytes)
 
     def _send_failed(self, send: Send, err: OSError) -> None:
         self._dest_failed("send", err)
