@@ -80,6 +80,7 @@ class Sender:
         self._idle = 0                              # workers waiting for sends
         self.sent_bytes = 0
         self._stopping = False
+        self._abandoned = False                     # the mirror failed: fail what is pending, send nothing
         self._threads = [threading.Thread(target=self._work, name=f"mirror-send-{i}", daemon=True)
                          for i in range(workers)]
         for thread in self._threads:
@@ -136,6 +137,11 @@ class Sender:
             return {"pending_bytes": self._pending_bytes, "pending_requests": self._pending,
                     "sent_bytes": self.sent_bytes}
 
+    def abandon(self) -> None:
+        """The destination is unusable (the mirror failed): pending sends fail at once, unsent, with
+        ECANCELED (their chunks marked dirty), instead of each waiting out a deadline of its own."""
+        self._abandoned = True
+
     def stop(self) -> None:
         """Drop what is queued and wait for the sends in flight to end; the caller then closes the
         destination (a local file's descriptor must not close under a worker's pwrite)."""
@@ -174,6 +180,9 @@ class Sender:
         dirty while they are still pending); the bytes sent."""
         sent = 0
         for send in batch:
+            if self._abandoned:
+                self._on_failed(send, OSError(errno.ECANCELED, "the mirror failed"))
+                continue
             try:
                 send.apply()
                 sent += send.count
