@@ -77,7 +77,7 @@ from typing import Any, Callable
 
 from agent import metrics, partial
 from agent.config import VmConfig
-from agent.convergence import Decision, Governor, Sample
+from agent.convergence import MAX_BOUND_S, Decision, Governor, Sample
 from agent.destdir import DatastoreDir, DatastoreFiles, DestDir, on_other_host, remove_created
 from agent.errors import Refused, SvmotionError
 from agent.files import LOCAL_FILES, FileMirror, FileSource, FileSync, FileUnstable
@@ -337,7 +337,7 @@ class Migration:
         converge = view.get("predicted_converge_seconds")
         finish = None
         if converge is not None:
-            finish = converge + self._budget_seconds() + (self._verify_estimate() if self.options.verify else 0.0)
+            finish = converge + self.options.stun_budget + (self._verify_estimate() if self.options.verify else 0.0)
         return {"throttle_seconds": view.get("throttle_seconds", 0.0), "max_throttle": self.options.max_throttle,
                 "stalled": self.stall is not None, "stall": self.stall,
                 "dirtying_bps": view.get("dirtying_bps"), "dest_bps": view.get("dest_bps"),
@@ -435,6 +435,7 @@ class Migration:
         for place in [self.dest, *self._sources.values()]:
             place.close()
         self.state, self.error, self.ended = result, error, time.time()
+        self._convergence = {}
         metrics.set_phase(self.vm.name, None)
         metrics.set_stalled(self.vm.name, False)
         metrics.count_migration(self.vm.name, result)
@@ -848,10 +849,11 @@ class Migration:
             return
         rates = self._governor.rates
         bound = self.options.max_throttle
+        higher = min(MAX_BOUND_S, max(2 * bound, 0.005))
         self.stall = (f"not converging: the guest dirties {human_bytes(rates.dirtying if rates else 0)}/s, the "
                       f"destination takes {human_bytes(rates.dest if rates else 0)}/s, and the guest throttle is at "
                       f"its bound ({bound * 1000:g} ms); the migration goes on: raise the bound (`svmotion set "
-                      f"{self.vm.name} --max-throttle {max(2 * bound, 0.005) * 1000:g}ms`), switch to a sync "
+                      f"{self.vm.name} --max-throttle {higher * 1000:g}ms`), switch to a sync "
                       f"mirror (`svmotion set {self.vm.name} --mirror sync`) or abort (`svmotion abort "
                       f"{self.vm.name}`)")
         log.warning("vm %s: %s", self.vm.name, self.stall)
@@ -923,9 +925,6 @@ class Migration:
             return self.copy_rate_bps
         return float(self.options.rate) if self.options.rate else float(DEFAULT_RATE_GUESS)
 
-    def _budget_seconds(self) -> float:
-        return self.options.stun_budget
-
     def _budget_bytes(self) -> float:
         """What may remain for the switchover stun: the stun budget at the measured copy rate."""
         return self._rate() * self.options.stun_budget
@@ -972,6 +971,7 @@ class Migration:
                 done = self._call("switchover", stun_id=self._stun_id,
                                   reopen=self.options.strategy == "legacy")
                 self._switched = True
+                self._convergence = {}       # nothing left to converge: no throttle, no prediction
         except (RemoteError, FileUnstable) as err:
             self.warnings.append(f"switchover: {err}")
             try:
