@@ -24,7 +24,8 @@ Design notes
   failed (maybe an older one), and marks those pages clean, so no later sync of the destination
   sees it again. Data the dirty map calls copied may be lost, so the mirror is marked failed (as
   a failed flush marks it, mirror.py) and the pass stops: the migration must not switch over.
-- Rate limit: data bytes (not holes) are paced against the requested bytes per second.
+- Rate limit: data bytes (not holes) are paced against the requested bytes per second, counted
+  from the last change of the rate (`Pace`: `svmotion set --rate` changes it while a pass runs).
 - Write-behind: a background pass starts the write-back of each run it copied and waits for the
   oldest runs once more than WRITE_BEHIND_BYTES are on their way, so the copy runs at the
   destination's speed and leaves at most that much of it in the page cache. Unbounded, a copy at
@@ -125,6 +126,7 @@ def copy_run(source: Backend, mirror: Mirror, first: int, last: int) -> int:
     """Copy chunks first..last to the destination; return the data bytes copied."""
     dmap = mirror.map
     with mirror.locks.hold(first, last):
+        mirror.await_sends(first, last)
         dmap.clear(first, last)
         try:
             return carry(source, mirror.dest, first << dmap.shift, dmap.chunk_bytes(first, last))
@@ -139,6 +141,7 @@ def load_run(source: Backend, mirror: Mirror, first: int, last: int) -> tuple[in
     offset, count = first << dmap.shift, dmap.chunk_bytes(first, last)
     copied = 0
     with mirror.locks.hold(first, last):
+        mirror.await_sends(first, last)
         dmap.clear(first, last)
         try:
             theirs = mirror.dest.digests(offset, count, dmap.granularity)
@@ -189,6 +192,28 @@ class OneAtATime:
     drain = settled
 
 
+class Pace:
+    """The copier's rate limit (bytes/s, 0 = none), changeable while a pass runs.
+
+    Example: `pace = Pace(10 << 20); time.sleep(pace.ahead(done_bytes))`"""
+
+    def __init__(self, rate: int = 0):
+        self.set(rate)
+
+    def set(self, rate: int) -> None:
+        # Measured from now on: the bytes copied before the change were paced at the old rate.
+        self.rate, self._since, self._base = rate, time.monotonic(), None
+
+    def ahead(self, done_bytes: int) -> float:
+        """Seconds the pass is ahead of the rate (<= 0: not ahead)."""
+        rate = self.rate
+        if not rate:
+            return 0.0
+        if self._base is None:
+            self._base = done_bytes
+        return (done_bytes - self._base) / rate - (time.monotonic() - self._since)
+
+
 class PassTally:
     """What a pass's settled runs add up to, and whether the pass goes on (see copy_pass)."""
 
@@ -232,7 +257,7 @@ class PassTally:
 
 
 def copy_pass(source: Backend, mirror: Mirror, stats: DiskStats, progress: PassProgress,
-              should_stop: Callable[[], bool], rate: int = 0, deadline: float | None = None) -> None:
+              should_stop: Callable[[], bool], pace: Pace | None = None, deadline: float | None = None) -> None:
     """Walk the dirty map once.
 
     A failed run stays dirty for a later pass, and the pass goes on; when MAX_CONSECUTIVE_ERRORS
@@ -257,8 +282,8 @@ def copy_pass(source: Backend, mirror: Mirror, stats: DiskStats, progress: PassP
             last = next_run(source, mirror, chunk)
             runs.start(chunk, last)
             tally.add(runs.settled())
-            if rate:
-                ahead = progress.done_bytes / rate - (time.monotonic() - progress.started)
+            if pace is not None:
+                ahead = pace.ahead(progress.done_bytes)
                 if ahead > 0:
                     tally.add(runs.drain())   # no run waits in flight, its chunks held, while we sleep
                     time.sleep(min(ahead, 0.5))
@@ -277,7 +302,7 @@ class CopyJob:
     def __init__(self, source: Backend, mirror: Mirror, stats: DiskStats, kind: str, rate: int):
         self.progress = PassProgress(kind, mirror.map.dirty_bytes())
         self._args = (source, mirror, stats)
-        self._rate = rate
+        self.pace = Pace(rate)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"copy-{kind}", daemon=True)
 
@@ -287,7 +312,7 @@ class CopyJob:
     def _run(self) -> None:
         lower_this_thread()  # the guest's requests come first (priority.py)
         try:
-            copy_pass(*self._args, self.progress, self._stop.is_set, rate=self._rate)
+            copy_pass(*self._args, self.progress, self._stop.is_set, pace=self.pace)
         except Exception as err:  # a bug must end the pass visibly, not silently
             self.progress.error = f"copier: {type(err).__name__}: {err}"
         finally:

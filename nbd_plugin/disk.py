@@ -74,7 +74,7 @@ class Disk:
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
         start = time.monotonic()
         write = lambda side: side.pwrite(buf, offset, fua)
-        self._update("pwrite", write, write, offset, len(buf), fua)
+        self._update("pwrite", write, write, offset, len(buf), fua, buf)
         self.stats.guest_write(len(buf), time.monotonic() - start)
 
     def zero(self, count: int, offset: int, may_trim: bool, fast: bool, fua: bool) -> None:
@@ -87,7 +87,7 @@ class Disk:
         self._update("trim", punch, punch, offset, count, fua)
 
     def _update(self, op: str, on_source: SideOp, on_dest: SideOp, offset: int, count: int,
-                fua: bool) -> None:
+                fua: bool, payload: memoryview | None = None) -> None:
         """Route one guest update: to the source alone, or through the mirror while MIRRORING."""
         primary, mirror, rewritten = self._open(), self.mirror, self.rewritten
         if rewritten is not None:
@@ -97,7 +97,7 @@ class Disk:
                 on_source(primary)
             else:
                 mirror.update(op, lambda: on_source(primary), lambda: on_dest(mirror.dest),
-                              offset, count, fua)
+                              offset, count, fua, payload)
         except OSError:  # mirror.update raises only the source's errors
             self.stats.error("source", op)
             raise
@@ -160,7 +160,8 @@ class Disk:
             raise ValueError(f"destination {dest_path} has {dest.size} bytes, the disk has {self.size}")
         return dest
 
-    def install_mirror(self, dest_path: str, mode: str, granularity: int, pool: ThreadPoolExecutor) -> None:
+    def install_mirror(self, dest_path: str, mode: str, granularity: int, pool: ThreadPoolExecutor,
+                       **async_bounds: int) -> None:
         """Start mirroring to the destination (a file path or an NBD URI), the one prepared for it
         if any, else opened now; a closed disk is reopened with the mirror on."""
         assert self.state in (PASSTHROUGH, CLOSED) and self.mirror is None
@@ -175,7 +176,7 @@ class Disk:
             except OSError:
                 dest.close()
                 raise
-        self.mirror = Mirror(dest, mode, granularity, self.size, pool, self.stats)
+        self.mirror = Mirror(dest, mode, granularity, self.size, pool, self.stats, **async_bounds)
         self.rewritten = None
         self.state = MIRRORING
 
@@ -193,6 +194,7 @@ class Disk:
         assert self.state == MIRRORING and self.mirror is not None and self.primary is not None
         # Must be zero: the switchover copied every dirty chunk under this drained stun.
         assert self.mirror.map.dirty_count() == 0, "switch with dirty chunks"
+        self.mirror.stop_sends()    # none pending: the switchover drained them under this stun
         dest = self.mirror.dest
         if reopen:  # legacy: today's flow closes the source and reopens the disk at switchover
             self.primary.close()
@@ -228,6 +230,11 @@ class Disk:
         self.copy_job = CopyJob(self.primary, self.mirror, self.stats, kind, rate)
         self.copy_job.start()
 
+    def set_copy_rate(self, rate: int) -> None:
+        """The running pass's rate from now on (later passes get theirs from `copy`)."""
+        if self.copy_job is not None and self.copy_job.running:
+            self.copy_job.pace.set(rate)
+
     def stop_copy(self) -> None:
         if self.copy_job is not None:
             self.copy_job.cancel()
@@ -256,7 +263,8 @@ class Disk:
         return {
             "name": self.name, "state": self.state, "path": self.path, "size": self.size,
             "dest": mirror.dest.path if mirror else None,
-            "mode": mirror.mode if mirror else None,
+            "mode": None, "throttle_seconds": 0.0, "throttle_max_seconds": 0.0, "async": None,
+            **(mirror.status() if mirror else {}),
             "granularity": mirror.map.granularity if mirror else None,
             "dirty_bytes": mirror.map.dirty_bytes() if mirror else 0,
             "dirty_map_bytes": mirror.map.memory_bytes() if mirror else 0,

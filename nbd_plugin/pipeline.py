@@ -98,6 +98,7 @@ class Pipeline:
                 self._run_events(wait=True)
             held = self.mirror.locks.acquire(first, last)
         run = Run(first, last, held)
+        self.mirror.await_sends(first, last)   # older sends to these chunks land first (sender.py)
         dmap.clear(first, last)
         self._runs.append(run)
         offset, count = first << dmap.shift, dmap.chunk_bytes(first, last)

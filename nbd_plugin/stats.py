@@ -43,6 +43,9 @@ class DiskStats:
         self.dest_written_bytes = 0
         self.copied_bytes = {"bulk": 0, "dirty": 0, "load": 0}
         self.errors: dict[str, int] = {}
+        self.overflow_bytes = 0          # async updates left to the copier (sender.py)
+        self.throttled_seconds = 0.0     # guest updates' time in the throttle (mirror.py)
+        self.throttled_requests = 0
 
     def guest_write(self, nbytes: int, seconds: float) -> None:
         shard = self._shards.get(threading.get_ident())
@@ -59,6 +62,15 @@ class DiskStats:
     def dest_written(self, nbytes: int) -> None:
         with self._lock:
             self.dest_written_bytes += nbytes
+
+    def overflowed(self, nbytes: int) -> None:
+        with self._lock:
+            self.overflow_bytes += nbytes
+
+    def throttled(self, seconds: float) -> None:
+        with self._lock:
+            self.throttled_seconds += seconds
+            self.throttled_requests += 1
 
     def copied(self, kind: str, nbytes: int) -> None:
         with self._lock:
@@ -85,6 +97,8 @@ class DiskStats:
                 "dest_written_bytes": self.dest_written_bytes,
                 "copied_bytes": dict(self.copied_bytes),
                 "errors": dict(self.errors),
+                "throttled_seconds": self.throttled_seconds,
+                "throttled_requests": self.throttled_requests,
                 "write_latency": {"le": list(LATENCY_BUCKETS) + ["+Inf"], "counts": cumulative,
                                   "sum": sum(s.latency_sum for s in shards), "count": total},
             }

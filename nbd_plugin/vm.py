@@ -38,7 +38,8 @@ from .copier import COPY_KINDS, DeadlineExceeded, PassProgress, copy_pass
 from .dirtymap import MAX_GRANULARITY, MIN_GRANULARITY
 from .disk import CLOSED, MIRRORING, PASSTHROUGH, SWITCHED, Disk
 from .gate import DrainTimeout, StunGate
-from .mirror import MODES
+from .mirror import MAX_THROTTLE_SECONDS, MODES
+from .sender import DEFAULT_MAX_BYTES, DEFAULT_MAX_REQUESTS
 from .priority import run_in_background
 from .served import write_record
 
@@ -55,7 +56,9 @@ def disk_location(value: str) -> str | None:
 
 
 MIRROR_SPEC = {"dest": Arg(str, check=disk_location), "mode": Arg(str, "sync", one_of(*MODES)),
-               "granularity": Arg(int, 65536, power_of_two(MIN_GRANULARITY, MAX_GRANULARITY))}
+               "granularity": Arg(int, 65536, power_of_two(MIN_GRANULARITY, MAX_GRANULARITY)),
+               "async_bytes": Arg(int, DEFAULT_MAX_BYTES, within(0, 1 << 34)),
+               "async_requests": Arg(int, DEFAULT_MAX_REQUESTS, within(0, 1 << 20))}
 
 
 def _some_disks(specs: dict) -> str | None:
@@ -150,14 +153,14 @@ class VM:
         """Open the destinations of a coming install_mirror now, outside any stun (disk.py)."""
         plan = [self._mirror_plan(name, spec, "prepare_mirror") for name, spec in req["disks"].items()]
         with self._control:
-            for disk, dest, _, _ in plan:
+            for disk, dest, _ in plan:
                 if disk.state != PASSTHROUGH or disk.mirror is not None:
                     raise RequestError(f"prepare_mirror: disk {disk.name} is {disk.state}, not passthrough")
-            for disk, dest, _, _ in plan:
+            for disk, dest, _ in plan:
                 try:
                     disk.prepare_mirror(dest)
                 except (OSError, ValueError) as err:
-                    for done, _, _, _ in plan:
+                    for done, _, _ in plan:
                         done.discard_prepared()
                     raise RequestError(f"prepare_mirror: disk {disk.name}: {_reason(err)}") from None
             return {}
@@ -167,14 +170,15 @@ class VM:
         plan = [self._mirror_plan(name, spec) for name, spec in req["disks"].items()]
         with self._control:
             stun = self._held_stun(req)
-            for disk, dest, mode, granularity in plan:
+            for disk, dest, _ in plan:
                 if disk.state not in (PASSTHROUGH, CLOSED) or disk.mirror is not None:
                     raise RequestError(f"install_mirror: disk {disk.name} is {disk.state}, not passthrough")
             installed: list[tuple[Disk, bool]] = []
-            for disk, dest, mode, granularity in plan:
+            for disk, dest, spec in plan:
                 was_closed = disk.state == CLOSED
                 try:
-                    disk.install_mirror(dest, mode, granularity, self.pool)
+                    disk.install_mirror(dest, spec["mode"], spec["granularity"], self.pool,
+                                        async_bytes=spec["async_bytes"], async_requests=spec["async_requests"])
                 except (OSError, ValueError) as err:
                     # All or nothing: a refused request leaves every disk as it found it,
                     # closed ones (legacy) closed again.
@@ -212,6 +216,28 @@ class VM:
                 disk.start_copy(kind, per_disk)
             return {}
 
+    @takes(disk=Arg(str, None), mode=Arg(str, None, one_of(*MODES)),
+           throttle=Arg(float, None, within(0.0, MAX_THROTTLE_SECONDS)), rate=Arg(int, None, within(0, 1 << 50)))
+    def op_mirror_set(self, req: dict, conn: Connection) -> dict:
+        """Change a running mirror: its mode, the guest's throttle, the copier's rate; no stun
+        (mirror.py notes). `rate` is for the selected disks together, as in `copy`."""
+        disks = self._selected(req, "mirror_set")
+        with self._control:
+            for disk in disks:
+                if disk.state != MIRRORING or disk.mirror is None:
+                    raise RequestError(f"mirror_set: disk {disk.name} is {disk.state}, not mirroring")
+            if not disks:
+                raise RequestError("mirror_set: no disk is mirroring")
+            for disk in disks:
+                if req["mode"] is not None:
+                    disk.mirror.set_mode(req["mode"])
+                if req["throttle"] is not None:
+                    disk.mirror.set_throttle(req["throttle"])
+                if req["rate"] is not None:
+                    disk.set_copy_rate(req["rate"] // len(disks) if req["rate"] else 0)
+            return {"disks": {d.name: {"mode": d.mirror.mode, "throttle_seconds": d.mirror.throttle}
+                              for d in disks}}
+
     @takes(disk=Arg(str, None))
     def op_copy_cancel(self, req: dict, conn: Connection) -> dict:
         for disk in self._selected(req, "copy_cancel"):
@@ -224,6 +250,7 @@ class VM:
             mirror = disk.mirror
             if mirror is None:
                 continue
+            mirror.drain_sends()   # what the guest wrote lately reaches the destination, then its disk
             try:
                 run_in_background(mirror.dest.write_back_all, f"flush-dest-{disk.name}")
             except OSError as err:
@@ -387,7 +414,7 @@ class VM:
 
     # --- helpers ---------------------------------------------------------------------------------
 
-    def _mirror_plan(self, name: str, spec: Any, op: str = "install_mirror") -> tuple[Disk, str, str, int]:
+    def _mirror_plan(self, name: str, spec: Any, op: str = "install_mirror") -> tuple[Disk, str, dict]:
         disk = self.disks.get(name)
         if disk is None:
             raise RequestError(f"{op}: unknown disk {shown(name)}; this VM has {', '.join(self.disks)}")
@@ -397,7 +424,7 @@ class VM:
         spec = arguments(spec, MIRROR_SPEC, where, keep=())
         if _same_location(spec["dest"], disk.path):
             raise RequestError(f"{where}: the destination is the source itself")
-        return disk, spec["dest"], spec["mode"], spec["granularity"]
+        return disk, spec["dest"], spec
 
     def _disk_named(self, req: dict) -> Disk:
         name = req.get("disk")
@@ -420,7 +447,13 @@ class VM:
         return [self.disks[name]]
 
     def _final_copy(self, disk: Disk, deadline: float) -> int:
-        """Copy a disk's last dirty chunks under the switchover stun; flush the destination if written."""
+        """Copy a disk's last dirty chunks under the switchover stun; flush the destination if written.
+
+        Pending async sends land first (a chunk's copy must not be overtaken by an older send), and
+        a mirror that ever sent is flushed: the guest's flushes did not flush what it sent."""
+        if not disk.mirror.drain_sends(deadline):
+            raise RequestError(f"switchover: disk {disk.name}: async sends to the destination still pending "
+                               "at the deadline; copy more dirty passes first")
         progress = PassProgress("dirty", disk.mirror.map.dirty_bytes())
         try:
             copy_pass(disk.primary, disk.mirror, disk.stats, progress, lambda: False, deadline=deadline)
@@ -429,7 +462,7 @@ class VM:
                                "copy more dirty passes first") from None
         if progress.error:
             raise RequestError(f"switchover: disk {disk.name}: {progress.error}")
-        if progress.done_bytes:
+        if progress.done_bytes or disk.mirror.sender is not None:
             try:
                 disk.mirror.dest.flush()
             except OSError as err:

@@ -166,7 +166,8 @@ class Flow:
 
 # The fields of DiskStatus in docs/interfaces.md, section 2.
 DISK_STATUS_KEYS = {"name", "state", "path", "size", "dest", "mode", "granularity", "dirty_bytes", "copied_bytes",
-                    "dest_written_bytes", "guest_written_bytes", "dirtied_bytes", "copy", "errors", "write_latency"}
+                    "dest_written_bytes", "guest_written_bytes", "dirtied_bytes", "copy", "errors", "write_latency",
+                    "throttle_seconds", "throttle_max_seconds", "throttled_seconds", "throttled_requests", "async"}
 
 
 def test_hello_and_status_describe_the_vm(vm2) -> None:
@@ -187,7 +188,7 @@ def test_hello_and_status_describe_the_vm(vm2) -> None:
 # ---- full migrations ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n_disks", [1, 4])
-@pytest.mark.parametrize("mode", ["sync", "dirty"])
+@pytest.mark.parametrize("mode", ["sync", "async", "dirty"])
 @pytest.mark.parametrize("strategy", ["optimized", "legacy"])
 def test_live_migration_under_a_random_writer(vm_factory, tmp_path: Path, testlib, strategy: str,
                                               mode: str, n_disks: int) -> None:
@@ -245,7 +246,7 @@ def test_live_migration_under_a_random_writer(vm_factory, tmp_path: Path, testli
         assert file_digest(src) == source_hashes[name], f"{name}: the source was written after switchover"
 
 
-@pytest.mark.parametrize("mode", ["sync", "dirty"])
+@pytest.mark.parametrize("mode", ["sync", "async", "dirty"])
 def test_writes_racing_slow_copy_chunks_leave_no_stale_data(vm_factory, tmp_path: Path, mode: str) -> None:
     """A rate-limited copier with small chunks while the writer hammers the region it copies.
 
@@ -275,7 +276,7 @@ def test_writes_racing_slow_copy_chunks_leave_no_stale_data(vm_factory, tmp_path
     assert_clean(writer, report, dests)
 
 
-@pytest.mark.parametrize("mode", ["sync", "dirty"])
+@pytest.mark.parametrize("mode", ["sync", "async", "dirty"])
 def test_ping_pong_migrations_under_a_hammering_writer(vm_factory, tmp_path: Path, testlib, mode: str) -> None:
     """Migrate back and forth between two directories while the writer hammers the disk.
 
@@ -476,7 +477,7 @@ MIRRORED_OPS: list[tuple[str, Callable[[Any], Any]]] = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["sync", "dirty"])
+@pytest.mark.parametrize("mode", ["sync", "async", "dirty"])
 def test_unaligned_writes_trims_and_zeroes_reach_the_destination(tmp_path: Path, testlib, start_mirror_node,
                                                                   start_file_server, mode: str) -> None:
     """Every update kind, before and after the bulk copy: the destination ends as nbdkit file's copy."""
@@ -601,7 +602,7 @@ def test_malformed_control_messages_get_one_line_and_change_nothing(vm_factory, 
                 "disk0": {"dest": str(good["disk0"])}, "disk1": {"dest": str(wrong_size)}}}, "4096 bytes"),
             ("missing dest", {"stun_id": stun_id, "disks": {"disk0": {"dest": str(tmp_path / "none.raw")}}}, "none.raw"),
             ("dest is the source", {"stun_id": stun_id, "disks": {"disk0": {"dest": str(node.disks["disk0"])}}}, "source"),
-            ("bad mode", {"stun_id": stun_id, "disks": {"disk0": {"dest": str(good["disk0"]), "mode": "async"}}}, "async"),
+            ("bad mode", {"stun_id": stun_id, "disks": {"disk0": {"dest": str(good["disk0"]), "mode": "asynch"}}}, "asynch"),
             ("bad granularity", {"stun_id": stun_id,
                                  "disks": {"disk0": {"dest": str(good["disk0"]), "granularity": 1000}}}, "granularity"),
             ("dest not a string", {"stun_id": stun_id, "disks": {"disk0": {"dest": 5}}}, "dest"),

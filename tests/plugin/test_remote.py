@@ -291,7 +291,7 @@ def test_live_migration_to_a_remote_destination(vm_factory, tmp_path: Path, test
         assert writer.verify_nbd(name, again.uri(name)) == []
 
 
-@pytest.mark.parametrize("mode", ["sync", "dirty"])
+@pytest.mark.parametrize("mode", ["sync", "async", "dirty"])
 def test_every_update_kind_reaches_a_remote_destination(tmp_path: Path, testlib, pki, start_mirror_node,
                                                         start_nbd_server, start_file_server, mode: str) -> None:
     """Unaligned writes, FUA, zeroes with and without holes, trims, flushes, before and after the
@@ -398,7 +398,7 @@ def test_a_remote_served_disk_reports_the_exports_errors_to_the_guest(tmp_path: 
 
 # ---- the pipelined copier ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["sync", "dirty"])
+@pytest.mark.parametrize("mode", ["sync", "async", "dirty"])
 def test_ping_pong_between_a_local_and_a_remote_disk_under_a_hammering_writer(
         tmp_path: Path, testlib, pki, start_nbd_server, start_mirror_node, mode: str) -> None:
     """Back and forth between a local file and a TLS export while the writer hammers a hot region
