@@ -48,13 +48,15 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from nbd_plugin.mirror import MAX_THROTTLE_SECONDS
+
 WINDOW_S = 1.0          # seconds of samples per decision: several copier polls, one pass or more
 START_S = 100e-6        # the first step: about what a buffered 4 KiB write costs
 RAISE_BELOW = 0.1       # shrink below this share of the destination's rate: not converging
 LOWER_ABOVE = 0.5       # shrink above this share: the throttle is more than needed
 STALL_WINDOWS = 3
 PREDICT_WINDOWS = 5     # windows the predictions average over
-MAX_BOUND_S = 1.0       # the mirror node caps a delay at 1 s
+MAX_BOUND_S = MAX_THROTTLE_SECONDS     # the mirror node's cap on one delay
 
 
 @dataclass(frozen=True)

@@ -370,7 +370,7 @@ class Migration:
             if plugin and self._mirrors_installed:
                 try:
                     with self._connect() as ctl:
-                        ctl.call("mirror_set", disk=None, **plugin)
+                        ctl.call("mirror_set", **plugin)
                 except RemoteError as err:
                     raise Refused(f"the mirror node of VM {self.vm.name!r} refused the change: {err}") from None
                 if "throttle" in plugin:
@@ -822,7 +822,7 @@ class Migration:
         with self._mirror_lock:
             decision = self._governor.observe(sample)
             if decision.throttle != self._throttle_applied:
-                self._call("mirror_set", disk=None, throttle=decision.throttle)
+                self._call("mirror_set", throttle=decision.throttle)
                 self._throttle_applied = decision.throttle
                 self._note_throttle(decision)
             if decision.stalled != (self.stall is not None):
