@@ -36,10 +36,10 @@ Design notes
   pass); dirty passes run (and in async mode, queued sends drain) until what remains (dirty
   bytes plus queued async sends) fits rate * stun_budget. Every status poll of the copy phases
   (DiskCopy's pass, CopyDirtyData's passes and waits) feeds the governor (agent/convergence.py),
-  which compares the guest's dirtying rate with the destination's measured rate: when what
-  remains stops shrinking it has the mirror node delay each guest write (`mirror_set
-  throttle`), rising only as far as needed and never beyond `max_throttle`; when the guest slows
-  down it lifts. There is no pass limit: a migration that would need more than the bound is
+  which compares what the guest adds to what remains with what drains to the destination: when
+  what remains stops shrinking because of the guest it has the mirror node delay each guest
+  write (`mirror_set throttle`), rising only as far as needed and never beyond `max_throttle`;
+  when the guest slows down it lifts. There is no pass limit: a migration that would need more than the bound is
   *stalled* (`convergence.stall` in the record, a warning in the log, the gauge
   svmotion_migration_stalled, one line from `svmotion migrate` naming the choices) and goes on
   copying at the bound until the operator raises the bound, switches the mirror to sync (the
@@ -818,7 +818,8 @@ class Migration:
     def _govern(self, status: dict[str, Any]) -> None:
         """Feed the governor a status poll; apply its throttle; report a stall (module notes)."""
         remaining = remaining_bytes(status)
-        sample = Sample(time.monotonic(), remaining, dest_written_total(status), int(self._budget_bytes()))
+        sample = Sample(time.monotonic(), remaining, pending_bytes(status), counter_total(status, "dest_written_bytes"),
+                        counter_total(status, "dirtied_bytes"), int(self._budget_bytes()))
         with self._mirror_lock:
             decision = self._governor.observe(sample)
             if decision.throttle != self._throttle_applied:
@@ -829,7 +830,7 @@ class Migration:
                 self._note_stall(decision.stalled)
         rates = self._governor.average_rates()
         self._convergence = {"throttle_seconds": decision.throttle, "remaining_bytes": remaining,
-                             "target_bytes": sample.target, "dirtying_bps": rates.dirtying if rates else None,
+                             "target_bytes": sample.target, "dirtying_bps": rates.added if rates else None,
                              "dest_bps": rates.dest if rates else None,
                              "predicted_converge_seconds": self._governor.converge_seconds()}
 
@@ -850,7 +851,7 @@ class Migration:
         rates = self._governor.rates
         bound = self.options.max_throttle
         higher = min(MAX_BOUND_S, max(2 * bound, 0.005))
-        self.stall = (f"not converging: the guest dirties {human_bytes(rates.dirtying if rates else 0)}/s, the "
+        self.stall = (f"not converging: the guest adds {human_bytes(rates.added if rates else 0)}/s to what remains, the "
                       f"destination takes {human_bytes(rates.dest if rates else 0)}/s, and the guest throttle is at "
                       f"its bound ({bound * 1000:g} ms); the migration goes on: raise the bound (`svmotion set "
                       f"{self.vm.name} --max-throttle {higher * 1000:g}ms`), switch to a sync "
@@ -1047,12 +1048,16 @@ def total_dirty(status: dict[str, Any]) -> int:
 def remaining_bytes(status: dict[str, Any]) -> int:
     """What the destinations still lack: dirty bytes and async sends still queued (docs/interfaces.md
     section 2, DiskStatus `async`): all of it must be there before or under the switchover stun."""
-    return sum(int(d["dirty_bytes"]) + int((d.get("async") or {}).get("pending_bytes") or 0)
-               for d in status["disks"].values())
+    return total_dirty(status) + pending_bytes(status)
 
 
-def dest_written_total(status: dict[str, Any]) -> int:
-    return sum(int(d.get("dest_written_bytes") or 0) for d in status["disks"].values())
+def pending_bytes(status: dict[str, Any]) -> int:
+    return sum(int((d.get("async") or {}).get("pending_bytes") or 0) for d in status["disks"].values())
+
+
+def counter_total(status: dict[str, Any], key: str) -> int:
+    """A cumulative DiskStatus counter summed over the disks."""
+    return sum(int(d.get(key) or 0) for d in status["disks"].values())
 
 
 def copied_total(status: dict[str, Any]) -> int:
