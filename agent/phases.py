@@ -39,11 +39,11 @@ Design notes
   which compares what the guest adds to what remains with what drains to the destination: when
   what remains stops shrinking because of the guest it has the mirror node delay each guest
   write (`mirror_set throttle`), rising only as far as needed and never beyond `max_throttle`;
-  when the guest slows down it lifts. There is no pass limit: a migration that would need more than the bound is
-  *stalled* (`convergence.stall` in the record, a warning in the log, the gauge
-  svmotion_migration_stalled, one line from `svmotion migrate` naming the choices) and goes on
-  copying at the bound until the operator raises the bound, switches the mirror to sync (the
-  guest then waits for the destination itself) or aborts, or until the guest slows down.
+  when the guest slows down it lifts. There is no pass limit: a migration that would need more
+  than the bound is *stalled* (`convergence.stall` in the record, a warning in the log, the
+  gauge svmotion_migration_stalled, one line from `svmotion migrate` naming the choices) and
+  goes on copying at the bound until the operator raises the bound, switches the mirror to sync
+  (the guest then waits for the destination itself) or aborts, or until the guest slows down.
 - Runtime changes (`set`, svmotion set): the mirror mode and the copy rate go to the mirror node
   (`mirror_set`, no stun: the plugin switches modes while the guest runs), the throttle bound to
   the governor, the stun budget to the convergence target; each is kept in the options (so the
@@ -375,6 +375,7 @@ class Migration:
                     raise Refused(f"the mirror node of VM {self.vm.name!r} refused the change: {err}") from None
                 if "throttle" in plugin:
                     self._throttle_applied = plugin["throttle"]
+                    self._note_throttle(Decision(plugin["throttle"], "cut to the new bound (svmotion set)"))
             made = [{"t": time.time(), "phase": self.phase, "what": key, "from": getattr(self.options, key),
                      "to": value, "applied": applied if key in ("mirror", "rate") else "agent"}
                     for key, value in new.items()]
@@ -818,8 +819,9 @@ class Migration:
     def _govern(self, status: dict[str, Any]) -> None:
         """Feed the governor a status poll; apply its throttle; report a stall (module notes)."""
         remaining = remaining_bytes(status)
-        sample = Sample(time.monotonic(), remaining, pending_bytes(status), counter_total(status, "dest_written_bytes"),
-                        counter_total(status, "dirtied_bytes"), int(self._budget_bytes()))
+        sample = Sample(time.monotonic(), remaining, pending_bytes(status),
+                        counter_total(status, "dest_written_bytes"), counter_total(status, "dirtied_bytes"),
+                        int(self._budget_bytes()))
         with self._mirror_lock:
             decision = self._governor.observe(sample)
             if decision.throttle != self._throttle_applied:
@@ -849,14 +851,14 @@ class Migration:
             log.info("vm %s: converging again", self.vm.name)
             return
         rates = self._governor.rates
+        added, dest = (rates.added, rates.dest) if rates else (0.0, 0.0)
         bound = self.options.max_throttle
         higher = min(MAX_BOUND_S, max(2 * bound, 0.005))
-        self.stall = (f"not converging: the guest adds {human_bytes(rates.added if rates else 0)}/s to what remains, the "
-                      f"destination takes {human_bytes(rates.dest if rates else 0)}/s, and the guest throttle is at "
-                      f"its bound ({bound * 1000:g} ms); the migration goes on: raise the bound (`svmotion set "
-                      f"{self.vm.name} --max-throttle {higher * 1000:g}ms`), switch to a sync "
-                      f"mirror (`svmotion set {self.vm.name} --mirror sync`) or abort (`svmotion abort "
-                      f"{self.vm.name}`)")
+        self.stall = (f"not converging: the guest adds {human_bytes(added)}/s to what remains, the destination "
+                      f"takes {human_bytes(dest)}/s, and the guest throttle is at its bound ({bound * 1000:g} ms); "
+                      f"the migration goes on: raise the bound (`svmotion set {self.vm.name} --max-throttle "
+                      f"{higher * 1000:g}ms`), switch to a sync mirror (`svmotion set {self.vm.name} --mirror "
+                      f"sync`) or abort (`svmotion abort {self.vm.name}`)")
         log.warning("vm %s: %s", self.vm.name, self.stall)
         if len(self.throttle_events) < MAX_THROTTLE_EVENTS:
             self.throttle_events.append({"t": time.time(), "phase": self.phase,
