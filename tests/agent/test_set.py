@@ -85,3 +85,19 @@ def test_every_switch_under_the_writer_ends_byte_identical(agent_vm, dest_dir: P
     assert "set mirror async -> sync in DiskCopy (by the mirror node, no stun)" in summary.stdout or \
         "set mirror async -> sync in CopyDirtyData (by the mirror node, no stun)" in summary.stdout, summary.stdout
     assert "set mirror sync -> async in FileCreate (before the mirror was installed)" in summary.stdout
+
+
+def test_a_resumed_migration_keeps_what_set_changed(agent_vm, dest_dir: Path) -> None:
+    """The changes are in the journal: an agent killed after them resumes with them."""
+    vm = agent_vm(n_disks=1, inject="hold:DiskCopy=30")
+    assert vm.cli("migrate", vm.name, "--dest", str(dest_dir), "--no-wait").returncode == 0
+    vm.wait_for_log("SVMOTION_INJECT hold at DiskCopy")
+    set_ok(vm, "--mirror", "dirty", "--max-throttle", "20ms", "--stun-budget", "20ms")
+    vm.kill_agent()
+    vm.start()                 # no injection now: the restarted agent resumes
+    last = vm.wait_done()
+    assert last["state"] == "success" and any("resumed" in w for w in last["warnings"]), last
+    assert (last["options"]["mirror"], last["options"]["max_throttle"], last["options"]["stun_budget"]) == \
+        ("dirty", 0.02, 0.02)
+    assert [(c["what"], c["to"]) for c in last["changes"]] == \
+        [("mirror", "dirty"), ("max_throttle", 0.02), ("stun_budget", 0.02)]
