@@ -152,13 +152,14 @@ def change_line(change: dict[str, Any]) -> str:
 
 
 def throttle_summary(record: dict[str, Any]) -> str:
-    """How far the guest throttle went ('' if it never engaged)."""
+    """How far the guest throttle went and how often the migration stalled ('' if neither happened)."""
     events = (record.get("convergence") or {}).get("throttle_events") or []
-    top = max((e["throttle_seconds"] for e in events), default=0.0)
-    if not top:
-        return ""
     stalls = sum(1 for e in events if e.get("reason") == "stalled")
-    return (f"guest throttle: up to {top * 1000:.2f} ms per write, {len(events)} changes"
+    steps = len(events) - stalls
+    if not events:
+        return ""
+    top = max(e["throttle_seconds"] for e in events)
+    return (f"guest throttle: up to {top * 1000:.2f} ms per write, {steps} changes"
             f"{f', stalled {stalls} times' if stalls else ''}")
 
 

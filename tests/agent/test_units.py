@@ -189,4 +189,4 @@ def test_changes_and_the_throttle_in_the_tables() -> None:
     assert "set mirror async -> sync in CopyDirtyData (by the mirror node, no stun)" in table
     assert "set max_throttle 5 ms -> 20 ms in CopyDirtyData (by the agent)" in table
     assert "set rate unlimited -> 1.0 MiB/s in DiskCopy" in table
-    assert "guest throttle: up to 5.00 ms per write, 3 changes, stalled 1 times" in table
+    assert "guest throttle: up to 5.00 ms per write, 2 changes, stalled 1 times" in table
