@@ -83,7 +83,7 @@ def assert_model(writer: VerifyingWriter, images: dict[str, Path], where: str) -
         assert not bad, f"{disk} {where}: {len(bad)} bad blocks, first {writer.describe(disk, bad[0])}"
 
 
-@pytest.mark.parametrize("mirror", ["sync", "dirty"])
+@pytest.mark.parametrize("mirror", ["sync", "async", "dirty"])
 @pytest.mark.parametrize("strategy", ["optimized", "legacy"])
 def test_there_and_back_under_writer(lab_vm, lab_ds_host: DatastoreHost, tmp_path: Path, strategy: str,
                                      mirror: str) -> None:
