@@ -1,8 +1,9 @@
 """Agent-driven live migration under a concurrent verifying writer (issue 2, "What must be shown" 2).
 
 Real agent process, real nbdkit running the mirror node, real libnbd clients. For both stun
-strategies, both mirror modes, 1 and 4 disks: the destination equals the writer's model, the
-writer saw no error, and after switchover new writes reach the destination only.
+strategies, the three mirror modes (sync, async, dirty), 1 and 4 disks: the destination equals
+the writer's model, the writer saw no error, and after switchover new writes reach the
+destination only.
 """
 from __future__ import annotations
 
