@@ -348,7 +348,7 @@ def verify_cmd(ctx: click.Context, vm: str, against: str, granularity: int, as_j
 @guarded
 def demo(keep: bool) -> None:
     """Build a two-disk VM, migrate it under a verifying writer, print phases and stun times."""
-    from agent.demo import run_demo
+    from svlab.demo import run_demo
     sys.exit(run_demo(keep=keep))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.writer import file_digest
+from svlab.writer import file_digest
 
 MiB = 1024 * 1024
 

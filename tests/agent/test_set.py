@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from agent.writer import file_digest
+from svlab.writer import file_digest
 
 MiB = 1024 * 1024
 # Each directed switch between the three modes once, starting from the async the migration

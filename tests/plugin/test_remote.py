@@ -26,7 +26,7 @@ import nbdremote
 import pytest
 
 from agent.jsonlines import RemoteError
-from agent.writer import file_digest
+from svlab.writer import file_digest
 from nbd_plugin.backend import FileBackend
 from nbd_plugin.backend_nbd import Channel, NbdBackend, NbdOptions
 from nbd_plugin.digest import chunk_digests

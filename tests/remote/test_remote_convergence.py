@@ -1,7 +1,7 @@
 """Convergence control against a destination four times slower than the guest (issue 12, test 3).
 
 Host a (the VM's agent and mirror node) sends to host b (a datastore agent and its export) over
-a link shaped with TBF (agent/netns.py `Host.shape`) to a quarter of the rate the guest asks for
+a link shaped with TBF (svlab/netns.py `Host.shape`) to a quarter of the rate the guest asks for
 (GUEST_RATE). Under that guest:
 - sync converges: the guest's writes wait for the destination, which throttles it already;
 - async with the throttle forbidden (`--max-throttle 0`) does not converge: the migration says
@@ -28,7 +28,7 @@ import pytest
 from remotelib import DatastoreHost
 from vmlib import AgentVM
 
-from agent.netns import Lab
+from svlab.netns import Lab
 
 MiB = 1 << 20
 KiB = 1 << 10
