@@ -41,7 +41,7 @@ from collections import deque
 from typing import Callable
 
 DEFAULT_MAX_BYTES = 64 << 20
-DEFAULT_MAX_REQUESTS = 1024
+DEFAULT_MAX_REQUESTS = 8192    # 32 MiB of 4 KiB writes: a burst of a max-rate guest fits
 # How many queued sends a worker passes over (their chunks held by another batch) before it stops
 # looking, and how many it takes at once.
 SCAN_LIMIT = 64
