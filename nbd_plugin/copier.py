@@ -32,13 +32,6 @@ Design notes
   switchover stun (a write-back that size stalls guest writes even on nbdkit's C file plugin
   serving another file: benchmark case 1, its floor rows), and a disk bigger than the kernel's
   dirty limit would throttle every writer on the host, the guest's source writes included.
-- Write-back paced behind the copy: the sync mirror writes the guest's updates to copied chunks
-  into the destination's page cache, behind the copy's cursor, and nothing wrote them back until
-  flush_dest, just before the switchover stun: under a max-rate guest that was hundreds of MiB of
-  scattered pages, so flush_dest took 0.7 s (median) and the guest-visible window around the
-  switchover was that long. Once per window copied, the pass starts (without waiting) the
-  write-back of everything behind its oldest run in flight; flush_dest then finds about one
-  window of the guest's writes (benchmarks/ANALYSIS.md, issue 12, has the runs).
 - The switchover's last copy is the same loop run synchronously under the stun, with a deadline
   instead of a rate, so the stun never outlives its lease.
 - A load pass (DiskLoad: the destination is a partial disk an earlier migration left) is the
@@ -97,26 +90,19 @@ class PassProgress:
 
 
 class WriteBehind:
-    """The destination ranges a pass copied whose write-back it has started but not waited for,
-    and the pacing of what the guest writes behind the copy."""
+    """The destination ranges a pass copied whose write-back it has started but not waited for."""
 
     def __init__(self, dest: Backend, window: int = WRITE_BEHIND_BYTES):
         self.dest = dest
         self.window = window
         self._started: collections.deque[tuple[int, int]] = collections.deque()
         self._bytes = 0
-        self._since_behind = 0   # bytes copied since the guest's writes behind were last started
 
     def copied(self, offset: int, count: int) -> None:
-        """Start writing back a copied range; wait for the oldest while over the window; once a
-        window, start writing back everything behind the copy (see the module notes)."""
+        """Start writing back a copied range; wait for the oldest while over the window."""
         self.dest.start_write_back(offset, count)
         self._started.append((offset, count))
         self._bytes += count
-        self._since_behind += count
-        if self._since_behind > self.window and self._started[0][0] > 0:
-            self._since_behind = 0
-            self.dest.start_write_back(0, self._started[0][0])
         while self._bytes > self.window:
             old_offset, old_count = self._started.popleft()
             self._bytes -= old_count
