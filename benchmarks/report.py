@@ -99,10 +99,15 @@ def fmt(value: float, unit: str) -> str:
     return f"{value:.4g}"
 
 
+def measured_text(v: dict[str, Any]) -> str:
+    """A verdict's measure, value and target, e.g. 'x / y (medians) = 0.720x (target >= 0.800x)'."""
+    sign = "<=" if v["better"] == "lower" else ">="
+    return f"{v['what']} = {fmt(v['value'], v['unit'])} (target {sign} {fmt(v['limit'], v['unit'])})"
+
+
 def verdict_text(v: dict[str, Any]) -> str:
     mark = {True: "MET", False: "MISSED", None: "not measured"}[v["met"]]
-    sign = "<=" if v["better"] == "lower" else ">="
-    return f"{mark}: {v['what']} = {fmt(v['value'], v['unit'])} (target {sign} {fmt(v['limit'], v['unit'])})"
+    return f"{mark}: {measured_text(v)}"
 
 
 def table(cases: list[Case]) -> str:
@@ -188,9 +193,7 @@ def reading(cases: list[Case], mode: str) -> list[str]:
         if case.error and not case.verdicts:
             groups[None].append(f"case {case.id} ({case.title}): {case.error}")
         for v in case.verdicts:
-            sign = "<=" if v["better"] == "lower" else ">="
-            groups[v["met"]].append(f"case {case.id}: {v['what']} = {fmt(v['value'], v['unit'])} "
-                                    f"(target {sign} {fmt(v['limit'], v['unit'])})")
+            groups[v["met"]].append(f"case {case.id}: {measured_text(v)}")
     out = ["## Reading this run", "",
            "Generated from this run's own figures. Each case's section below holds the references "
            "it measured beside svmotion in this run (nbdkit's C plugin, the minimal Python plugin, "
