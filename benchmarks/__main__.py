@@ -8,6 +8,8 @@ Design notes
   remote_strategies, qemu_tls_anchor, remote_shaped (network namespaces: needs root).
 - Work files live in a fresh directory under --workdir (default /var/tmp, a real disk, not
   tmpfs) and are removed at the end; every server is stopped by its PID.
+- SUMMARY.md holds only this run's figures and a reading generated from them (report.py);
+  benchmarks/ANALYSIS.md, the hand-written analysis of earlier runs, is not embedded.
 - A case that fails is recorded with its error and the run goes on: a partial table is
   more useful than none. The exit status is 1 when any case failed, 0 otherwise (a missed
   target is a result, not a failure).
@@ -29,7 +31,6 @@ from .cases_remote import CASES as REMOTE_CASES
 from .report import Case
 
 CASES = {**LOCAL_CASES, **REMOTE_CASES}
-ANALYSIS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ANALYSIS.md")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,8 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     f"(default all: {','.join(CASES)}; 3 also measures 4)")
     ap.add_argument("--workdir", default="/var/tmp", help="parent directory for work files")
     ap.add_argument("--render", action="store_true",
-                    help="measure nothing: rewrite OUT/SUMMARY.md from OUT/results.json "
-                         "(after editing benchmarks/ANALYSIS.md)")
+                    help="measure nothing: rewrite OUT/SUMMARY.md from OUT/results.json")
     args = ap.parse_args(argv)
     unknown = [c for c in args.cases.split(",") if c not in CASES]
     if unknown:
@@ -66,12 +66,8 @@ def run_case(case_id: str, ctx: Context) -> list[Case]:
 
 
 def write_summary(out: str, cases: list[Case], meta: dict) -> None:
-    analysis = ""
-    if os.path.exists(ANALYSIS_FILE) and meta["mode"] == "full":
-        with open(ANALYSIS_FILE) as f:
-            analysis = f.read()
     with open(os.path.join(out, "SUMMARY.md"), "w") as f:
-        f.write(report.markdown(cases, meta, analysis))
+        f.write(report.markdown(cases, meta))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,10 @@ Design notes
   None when the case could not measure (the reason is then in `error`).
 - Units: rows hold SI base units (seconds, bytes, bytes/s); the table scales them for reading
   (ms, MiB, MB/s) and the JSON keeps the raw numbers.
+- SUMMARY.md states only figures of its own run: its reading ("Reading this run") is generated
+  from that run's verdicts and notes. Analysis written by hand (benchmarks/ANALYSIS.md) names
+  the run it analyses and is not embedded: a new run printed under an old analysis would
+  contradict its own table.
 """
 from __future__ import annotations
 
@@ -95,10 +99,15 @@ def fmt(value: float, unit: str) -> str:
     return f"{value:.4g}"
 
 
+def measured_text(v: dict[str, Any]) -> str:
+    """A verdict's measure, value and target, e.g. 'x / y (medians) = 0.720x (target >= 0.800x)'."""
+    sign = "<=" if v["better"] == "lower" else ">="
+    return f"{v['what']} = {fmt(v['value'], v['unit'])} (target {sign} {fmt(v['limit'], v['unit'])})"
+
+
 def verdict_text(v: dict[str, Any]) -> str:
     mark = {True: "MET", False: "MISSED", None: "not measured"}[v["met"]]
-    sign = "<=" if v["better"] == "lower" else ">="
-    return f"{mark}: {v['what']} = {fmt(v['value'], v['unit'])} (target {sign} {fmt(v['limit'], v['unit'])})"
+    return f"{mark}: {measured_text(v)}"
 
 
 def table(cases: list[Case]) -> str:
@@ -176,10 +185,37 @@ def read_json(path: str) -> tuple[list[Case], dict[str, Any]]:
     return cases, data["meta"]
 
 
-def markdown(cases: list[Case], meta: dict[str, Any], analysis: str = "") -> str:
+def reading(cases: list[Case], mode: str) -> list[str]:
+    """"Reading this run": every verdict of this run, met or missed or not measured, each with
+    its measured value and its case, then where the case's references in the same run are."""
+    groups: dict[bool | None, list[str]] = {True: [], False: [], None: []}
+    for case in cases:
+        if case.error and not case.verdicts:
+            groups[None].append(f"case {case.id} ({case.title}): {case.error}")
+        for v in case.verdicts:
+            groups[v["met"]].append(f"case {case.id}: {measured_text(v)}")
+    out = ["## Reading this run", "",
+           "Generated from this run's own figures. Each case's section below holds the references "
+           "it measured beside svmotion in this run (nbdkit's C plugin, the minimal Python plugin, "
+           "nbdcopy, QEMU, the floors) and its notes; hand-written analysis of earlier runs, each "
+           "naming its run, is in `benchmarks/ANALYSIS.md`.", ""]
+    if mode != "full":
+        out += [f"Mode `{mode}`: tiny disks and one repetition, a smoke test of the harness; its "
+                "figures and verdicts say nothing about svmotion.", ""]
+    for met, head in ((True, "Met"), (False, "Missed"), (None, "Not measured")):
+        if groups[met]:
+            out.append(f"{head} ({len(groups[met])}):")
+            out.append("")
+            out.extend(f"- {line}" for line in groups[met])
+            out.append("")
+    return out
+
+
+def markdown(cases: list[Case], meta: dict[str, Any]) -> str:
     """bench/SUMMARY.md: verdicts first, then every case's rows and commands."""
     out = ["# svmotion benchmark summary", ""]
-    out.append(f"Command: `{meta['command']}` (what `make bench` runs) — run {meta['env']['date']}, {meta['seconds']:.0f} s "
+    made_by = " (what `make bench` runs)" if meta["command"] == "python -m benchmarks --out bench" else ""
+    out.append(f"Command: `{meta['command']}`{made_by} — run {meta['env']['date']}, {meta['seconds']:.0f} s "
                f"on {meta['env']['cpus']} CPUs (load average at start "
                f"{' '.join(meta['env']['loadavg_at_start'])}), mode `{meta['mode']}`.")
     out.append("")
@@ -198,9 +234,7 @@ def markdown(cases: list[Case], meta: dict[str, Any], analysis: str = "") -> str
             f"ERROR: {case.error}" if case.error else "reported, no target")
         out.append(f"| {case.id}. {case.title} | {case.target} | {results} |")
     out.append("")
-    if analysis:
-        out.append(analysis.strip())
-        out.append("")
+    out.extend(reading(cases, meta["mode"]))
     for case in cases:
         out.append(f"## {case.id}. {case.title}")
         out.append("")

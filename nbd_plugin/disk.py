@@ -31,7 +31,7 @@ Design notes
 from __future__ import annotations
 
 import errno
-import time
+from time import monotonic
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -72,10 +72,20 @@ class Disk:
         self._source("pread", lambda: self._open().pread(buf, offset))
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
-        start = time.monotonic()
-        write = lambda side: side.pwrite(buf, offset, fua)
-        self._update("pwrite", write, write, offset, len(buf), fua, buf)
-        self.stats.guest_write(len(buf), time.monotonic() - start)
+        start = monotonic()
+        primary = self.primary or self._open()
+        if self.mirror is None and self.rewritten is None:
+            # Passthrough: the source's own pwrite, no routing call and no closure. The guest's
+            # hot path (benchmark case 7), where every bytecode counts; _update does the rest.
+            try:
+                primary.pwrite(buf, offset, fua)
+            except OSError:
+                self.stats.error("source", "pwrite")
+                raise
+        else:
+            write = lambda side: side.pwrite(buf, offset, fua)
+            self._update("pwrite", write, write, offset, len(buf), fua, buf)
+        self.stats.guest_write(len(buf), monotonic() - start)
 
     def zero(self, count: int, offset: int, may_trim: bool, fast: bool, fua: bool) -> None:
         # Fast-zero is the guest's question about the source; the destination just has to zero.

@@ -30,6 +30,7 @@ from nbd_plugin.threadstate import PinnedThreadStates
 from nbd_plugin.vm import VM
 
 API_VERSION = 2
+FLAG_FUA = nbdkit.FLAG_FUA
 
 # The errors NBD carries (nbdkit maps EROFS, EDQUOT and EFBIG itself); any other is sent as EIO.
 NBD_ERRNOS = frozenset((errno.EPERM, errno.EIO, errno.ENOMEM, errno.EINVAL, errno.ENOSPC, errno.EOVERFLOW,
@@ -209,7 +210,17 @@ def pread(h: Handle, buf: bytearray, offset: int, flags: int) -> None:
 
 
 def pwrite(h: Handle, buf: bytes, offset: int, flags: int) -> None:
-    _call(h, h.disk.pwrite, buf, offset, bool(flags & nbdkit.FLAG_FUA))
+    # _call inlined: the guest's hot path (benchmark case 7) pays no extra call and no *args.
+    h.pinned.pin()
+    gate = _vm.gate
+    gate.enter()
+    try:
+        h.disk.pwrite(buf, offset, flags & FLAG_FUA != 0)
+    except OSError as err:
+        nbdkit.set_error(err.errno if err.errno in NBD_ERRNOS else errno.EIO)
+        raise
+    finally:
+        gate.leave()
 
 
 def flush(h: Handle, flags: int) -> None:

@@ -13,8 +13,9 @@ Design notes
 """
 from __future__ import annotations
 
-import bisect
 import threading
+from bisect import bisect_left
+from threading import get_ident
 from typing import Any
 
 # Upper bounds in seconds: fine enough to tell a 50 us passthrough write from a 5 ms stalled one.
@@ -48,11 +49,11 @@ class DiskStats:
         self.throttled_requests = 0
 
     def guest_write(self, nbytes: int, seconds: float) -> None:
-        shard = self._shards.get(threading.get_ident())
+        shard = self._shards.get(get_ident())
         if shard is None:  # dict.setdefault is one atomic step under the GIL
-            shard = self._shards.setdefault(threading.get_ident(), _WriteShard())
+            shard = self._shards.setdefault(get_ident(), _WriteShard())
         shard.written_bytes += nbytes
-        shard.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        shard.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         shard.latency_sum += seconds
 
     def dirtied(self, nbytes: int) -> None:

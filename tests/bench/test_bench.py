@@ -24,6 +24,7 @@ import pytest
 
 from benchmarks.loadgen import LoadGen, Trace
 from benchmarks.procs import Service, nbd_uri
+from benchmarks.report import Case, markdown
 from benchmarks.stats import percentile, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,3 +124,25 @@ def test_quick_run_produces_every_case(short_dir, tmp_path):
     assert "python -m benchmarks --quick" in summary
     # Nothing of the run is left in its work directory.
     assert os.listdir(short_dir) == []
+
+
+def test_summary_reads_only_its_own_run():
+    """SUMMARY.md's reading comes from the run's own verdicts; no hand-written analysis of another
+    run is embedded (a new run once printed 'case 5: 0.84x' under a table that measured 0.72x)."""
+    case5 = Case("5", "Bulk copy rate, idle guest", "svmotion >= 0.8x nbdcopy")
+    case5.add("svmotion bulk copy: rate", [1.842e9], "B/s")
+    case5.verdict("svmotion bulk copy / nbdcopy (medians)", 0.72, 0.8, "higher", "ratio")
+    case7 = Case("7", "Passthrough cost", "node >= 0.9x floor")
+    case7.verdict("mirror node / floor", 0.93, 0.9, "higher", "ratio")
+    broken = Case("8", "Scale", "dirty map", error="ServiceError: nbdkit exited")
+    meta = {"command": "python -m benchmarks --out bench", "mode": "full", "seconds": 1.0,
+            "env": {"date": "2026-12-06 07:00:00 UTC", "cpus": 2, "loadavg_at_start": ["1", "1", "1"]}}
+    summary = markdown([case5, case7, broken], meta)
+    reading = summary.split("## Reading this run", 1)[1].split("\n## ", 1)[0]
+    missed, met = reading.split("Missed (1):")[1], reading.split("Met (1):")[1].split("Missed")[0]
+    assert "case 5: svmotion bulk copy / nbdcopy (medians) = 0.720x (target >= 0.800x)" in missed
+    assert "case 7: mirror node / floor = 0.930x" in met
+    assert "case 8 (Scale): ServiceError: nbdkit exited" in reading.split("Not measured (1):")[1]
+    assert "0.84x" not in summary
+    analysis = (ROOT / "benchmarks" / "ANALYSIS.md").read_text()
+    assert analysis.splitlines()[4] not in summary   # a line of the dated analysis
