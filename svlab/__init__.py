@@ -1,0 +1,11 @@
+"""svlab: the svmotion lab (README, "Lab"), apart from the agent's control plane.
+
+Three hosts: src (the agent serving VM "guest" and a QEMU guest whose disk is that export),
+dst (an agent offering a datastore), mon (Prometheus scraping both). On real machines they are
+Vagrant boxes provisioned by vagrant/provision.sh; on one machine, network namespaces on a
+bridge (nslab.py) provisioned by that same script, with a small supervisor (supervisor.py) in
+place of systemd running the units the script wrote (units.py). guest.py is the guest service.
+
+Lab code that still lives in agent/ (lab.py: the QEMU guest; netns.py: namespace hosts;
+writer.py, demo.py) is to move here later; this package only imports it.
+"""
