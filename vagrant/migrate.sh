@@ -36,7 +36,7 @@ case $step in
   prepare)
     ROLE=dst
     mkdir -p "$ROOT/srv/svlab/ds1/$name"
-    say "datastore directory $ROOT/srv/svlab/ds1/$name ready" ;;
+    say "datastore directory $ROOT/srv/svlab/ds1/$name ready" >&2 ;;
   there|back)
     ROLE=src
     [ -r "$ROOT/etc/svlab/lab.env" ] || die "$ROOT/etc/svlab/lab.env missing: run this on src, after provision.sh src"
