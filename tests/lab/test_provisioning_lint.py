@@ -26,13 +26,34 @@ def need(tool: str, package: str) -> str:
     return path
 
 
-def test_vagrantfile_validates(tmp_path: Path) -> None:
+def validate(where: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    """`vagrant validate` in `where`, with a home of its own (not the user's ~/.vagrant.d)."""
     vagrant = need("vagrant", "vagrant")
-    # A home of its own: validate must not depend on (or write to) the user's ~/.vagrant.d.
-    env = dict(os.environ, VAGRANT_HOME=str(tmp_path / "vagrant.d"), VAGRANT_CHECKPOINT_DISABLE="1")
-    done = subprocess.run([vagrant, "validate"], cwd=VAGRANT, env=env, capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, VAGRANT_HOME=str(home), VAGRANT_CHECKPOINT_DISABLE="1")
+    return subprocess.run([vagrant, "validate"], cwd=where, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_vagrantfile_validates(tmp_path: Path) -> None:
+    done = validate(VAGRANT, tmp_path / "vagrant.d")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "validated successfully" in done.stdout
+
+
+def test_validation_catches_a_bad_libvirt_setting(tmp_path: Path) -> None:
+    """The check above has teeth: with vagrant-libvirt, a misspelt provider setting fails it."""
+    plugins = subprocess.run([need("vagrant", "vagrant"), "plugin", "list"], capture_output=True, text=True,
+                             env=dict(os.environ, VAGRANT_HOME=str(tmp_path / "vagrant.d")), timeout=120)
+    if "vagrant-libvirt" not in plugins.stdout:
+        pytest.skip("vagrant-libvirt is not installed: run `make setup` (Debian package vagrant-libvirt)")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("lab.env", "lab-pki.sh"):
+        (broken / name).write_bytes((VAGRANT / name).read_bytes())
+    text = (VAGRANT / "Vagrantfile").read_text()
+    assert "lv.memory = spec[:memory]" in text
+    (broken / "Vagrantfile").write_text(text.replace("lv.memory = spec[:memory]", "lv.memmory = spec[:memory]"))
+    done = validate(broken, tmp_path / "vagrant.d")
+    assert done.returncode != 0 and "memmory" in done.stdout + done.stderr, done.stdout + done.stderr
 
 
 def test_vagrantfile_takes_its_addresses_from_lab_env() -> None:
