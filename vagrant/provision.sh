@@ -186,9 +186,10 @@ ENV
   put_file 644 "$UNITS/svmotion-guest.service" <<UNIT
 # The lab's guest on src (vagrant/provision.sh): QEMU (TCG) on the svmotion disk, writing files
 # and verifying them; stopping it makes the guest verify everything once more and power off.
+# Wants=, not Requires=: the agent may restart without the guest (its nbdkit keeps serving).
 [Unit]
 Description=svlab guest on svmotion VM guest
-Requires=svmotion-agent.service
+Wants=svmotion-agent.service
 After=svmotion-agent.service
 
 [Service]

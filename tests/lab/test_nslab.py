@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -28,6 +29,7 @@ from labtest import console_lines, lab_cli
 from agent.attach import loop_backing_files
 from agent.supervisor import process_start_time
 from svlab.nslab import NsLab
+from svlab.units import read_unit
 
 pytestmark = [pytest.mark.slow, pytest.mark.kernel]
 
@@ -149,6 +151,20 @@ def test_provisioning_twice_changes_nothing(nslab: NsLab) -> None:
     now = rounds(ns)
     wait_for("a guest check after the second round trip", lambda: [r for r in verified_rounds(ns) if r > now], 60)
     assert_guest_healthy(ns)
+
+
+def test_provisioned_units_pass_systemd_analyze(nslab: NsLab) -> None:
+    """The units the supervisor ran here are the ones systemd runs on the Vagrant machines: systemd
+    itself finds nothing wrong in them (keys, executables)."""
+    tool = shutil.which("systemd-analyze")
+    if not tool:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    units = sorted(nslab.dir.glob("*/etc/systemd/system/*.service"))
+    assert len(units) == 4, units
+    for unit in units:
+        done = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and not done.stderr.strip(), f"{unit}: {done.stderr}"
+        assert read_unit(unit).exec_start[0].startswith(("/usr/bin/", str(nslab.dir)))
 
 
 def test_failed_host_alerts_on_mon_and_fails_the_migration_cleanly(nslab: NsLab) -> None:
