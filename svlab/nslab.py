@@ -39,7 +39,7 @@ from typing import Any, Callable
 from agent import lab as guest_lab
 from agent.errors import Refused, SvmotionError
 from agent.jsonlines import JsonLinesClient, RemoteError
-from agent.netns import Host, Lab
+from agent.netns import Host, Lab, LabError
 from agent.supervisor import process_start_time
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -226,12 +226,20 @@ class NsLab:
 def up(labdir: Path, guest_cache: Path | None = None, progress: Callable[[str], None] = lambda s: None) -> NsLab:
     """Bring the lab up in `labdir` (module notes); on failure whatever was made is removed."""
     labdir = labdir.resolve()
+    if os.geteuid() != 0:
+        raise Refused("svmotion lab needs root (network namespaces, the hosts' files); run it as root")
+    if not PROVISION.exists():
+        raise Refused(f"{PROVISION} not found: svmotion lab runs from the project's checkout (make lab)")
     if (labdir / "state.json").exists():
         raise Refused(f"a lab is already up in {labdir}: run svmotion lab down first")
     if len(str(labdir / "src/run/svmotion/guest.nbd")) > 100:
         raise Refused(f"lab directory {labdir} is too long for Unix sockets under it; choose a shorter one")
     (labdir / "logs").mkdir(parents=True, exist_ok=True)
-    ns = NsLab(labdir, Lab("svlab", HOSTS), guest_cache or guest_lab.default_cache_dir())
+    try:
+        hosts = Lab("svlab", HOSTS)
+    except LabError as err:
+        raise LabFailed(f"cannot make the lab's hosts: {err}") from None
+    ns = NsLab(labdir, hosts, guest_cache or guest_lab.default_cache_dir())
     ns.save()
     try:
         # The hosts have no way out to the internet: the guest's images are built (or found) here.
@@ -280,7 +288,7 @@ def down(labdir: Path, keep_logs: bool = False) -> None:
                 continue
     try:
         ns.lab.close()
-    except Exception as err:    # noqa: BLE001  (LabError, NetlinkError: said in one line)
+    except (LabError, OSError) as err:
         raise LabFailed(f"removing the lab's namespaces: {err}") from None
     if keep_logs:
         (ns.dir / "state.json").unlink()

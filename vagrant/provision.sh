@@ -115,6 +115,8 @@ agent_unit() {
 # svmotion agent of the lab's $ROLE host (vagrant/provision.sh)
 [Unit]
 Description=svmotion agent (lab host $ROLE)
+# Retry for ever: at boot the lab address it listens on may come a little later.
+StartLimitIntervalSec=0
 After=network-online.target
 Wants=network-online.target
 
@@ -189,6 +191,7 @@ ENV
 # Wants=, not Requires=: the agent may restart without the guest (its nbdkit keeps serving).
 [Unit]
 Description=svlab guest on svmotion VM guest
+StartLimitIntervalSec=0
 Wants=svmotion-agent.service
 After=svmotion-agent.service
 
@@ -259,6 +262,7 @@ CONFIG
 # Prometheus of the svmotion lab on mon (vagrant/provision.sh).
 [Unit]
 Description=Prometheus of the svmotion lab
+StartLimitIntervalSec=0
 After=network-online.target
 Wants=network-online.target
 

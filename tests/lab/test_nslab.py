@@ -120,6 +120,18 @@ def test_live_migration_there_and_back_over_tls(nslab: NsLab) -> None:
     assert copied and float(copied[0]["value"][1]) > 0, copied
 
 
+def test_refusals_are_one_line_with_exit_3(nslab: NsLab, tmp_path: Path) -> None:
+    again = lab_cli(nslab.dir, "up")
+    assert again.returncode == 3 and again.stderr.count("\n") == 1, again.stderr
+    assert "already up" in again.stderr
+    for args in (("down",), ("status",), ("migrate",), ("query", "up")):
+        none = lab_cli(tmp_path / "nothing", *args)
+        assert none.returncode == 3 and none.stderr.count("\n") == 1, (args, none.stderr)
+        assert "no lab in" in none.stderr
+    usage = lab_cli(nslab.dir, "migrate", "--to", "src")
+    assert usage.returncode == 2 and "--name" in usage.stderr, usage.stderr
+
+
 def tree_state(root: Path) -> dict[str, tuple[str, int, int]]:
     """Every provisioned file under a host's root: content digest, mode, mtime (runtime data left out)."""
     out = {}
