@@ -136,7 +136,6 @@ UNIT
 # ---- src: the agent serving the guest's disk, and the guest ----------------------------------
 src_host() {
   ensure_dir 700 "$ROOT/var/lib/svmotion"
-  ensure_dir 755 "$ROOT/run/svmotion"
   ensure_dir 700 "$ROOT/var/lib/svlab/guest"
   disk=$ROOT/var/lib/svlab/guest/disk0.raw
   if [ ! -e "$disk" ]; then
@@ -212,7 +211,6 @@ UNIT
 # ---- dst: an agent offering datastore ds1 ----------------------------------------------------
 dst_host() {
   ensure_dir 700 "$ROOT/var/lib/svmotion"
-  ensure_dir 755 "$ROOT/run/svmotion"
   ensure_dir 755 "$ROOT/srv/svlab/ds1"
   before=$CHANGES
   put_file 644 "$ROOT/etc/svmotion/agent.toml" <<CONFIG
@@ -301,7 +299,10 @@ grafana() {
   before=$CHANGES
   put_file 644 /etc/grafana/provisioning/datasources/svmotion.yml < "$PROJECT/grafana/provisioning/datasources/svmotion.yml"
   put_file 644 /etc/grafana/provisioning/dashboards/svmotion.yml < "$PROJECT/grafana/provisioning/dashboards/svmotion.yml"
-  put_file 644 /var/lib/grafana/dashboards/svmotion/svmotion.json < "$PROJECT/grafana/dashboards/svmotion.json"
+  # The dashboard goes where the project's provider (just installed) tells Grafana to look.
+  dashboards=$(sed -n 's/^ *path: *//p' "$PROJECT/grafana/provisioning/dashboards/svmotion.yml")
+  [ -n "$dashboards" ] || die "grafana/provisioning/dashboards/svmotion.yml names no path:"
+  put_file 644 "$dashboards/svmotion.json" < "$PROJECT/grafana/dashboards/svmotion.json"
   activate grafana-server.service "$before"
   uid=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["uid"])' < "$PROJECT/grafana/dashboards/svmotion.json")
   tries=0
