@@ -41,6 +41,7 @@ from agent.errors import Refused, SvmotionError
 from agent.jsonlines import JsonLinesClient, RemoteError
 from agent.netns import Host, Lab, LabError
 from agent.supervisor import process_start_time
+from svlab.supervisor import UNIT_ENV
 
 PROJECT = Path(__file__).resolve().parents[1]
 PROVISION = PROJECT / "vagrant" / "provision.sh"
@@ -93,8 +94,9 @@ class NsLab:
         return self.dir / "supervisor.json"
 
     def env(self) -> dict[str, str]:
-        """The provisioning's settings for this lab (vagrant/lab.env's names)."""
-        return dict(os.environ, SRC_ADDR=self.host("src").address, DST_ADDR=self.host("dst").address,
+        """The provisioning's environment: a root shell's PATH and this lab's settings (vagrant/lab.env's
+        names), nothing else of the caller's, as on a Vagrant machine."""
+        return dict(UNIT_ENV, SRC_ADDR=self.host("src").address, DST_ADDR=self.host("dst").address,
                     MON_ADDR=self.host("mon").address, DST_DATASTORE=str(self.root("dst") / "srv/svlab/ds1"),
                     GUEST_CACHE=str(self.guest_cache))
 
@@ -137,11 +139,11 @@ class NsLab:
                             f"{(done.stdout + done.stderr).strip()[-2000:]}")
         return done.stdout
 
-    def migrate_step(self, step: str, name: str, *options: str, capture: bool = False) -> subprocess.CompletedProcess:
-        """vagrant/migrate.sh STEP NAME OPTIONS... on the host the step belongs to."""
+    def migrate_step(self, step: str, name: str, *options: str) -> int:
+        """vagrant/migrate.sh STEP NAME OPTIONS... on the host the step belongs to (output: ours); its exit code."""
         role = "dst" if step == "prepare" else "src"
         argv = ["sh", str(MIGRATE), "--root", str(self.root(role)), step, name, *options]
-        return subprocess.run(self.host(role).argv(argv), capture_output=capture, text=True, timeout=600)
+        return subprocess.run(self.host(role).argv(argv), timeout=600).returncode
 
     def prometheus(self, path: str, **params: str) -> Any:
         """GET /api/v1/PATH from mon's Prometheus, over the lab network (from inside mon)."""
@@ -313,7 +315,7 @@ def migrate(labdir: Path, steps: tuple[str, ...], name: str, options: tuple[str,
     """The guest's disk to dst ("there"), back to src ("back"), or both: vagrant/migrate.sh's steps."""
     ns = load(labdir)
     for step in (("prepare",) if "there" in steps else ()) + steps:
-        code = ns.migrate_step(step, name, *options).returncode
+        code = ns.migrate_step(step, name, *options)
         if code != 0:
             return code
     return 0

@@ -3,7 +3,8 @@
 `python -m svlab.supervisor PLAN.json` (started detached by nslab.up, stopped by SIGTERM from
 nslab.down). PLAN.json lists, in start order, {"host": ROLE, "unit": FILE, "netns": NAME, "log": FILE}: each
 unit's ExecStart= (units.py) runs as `ip netns exec NAME ...` (execs in place: the PID is the
-command's), its output appended to its log. A unit that exits with a failure and says
+command's), its output appended to its log, with systemd's environment for a system unit
+(UNIT_ENV and the unit's Environment=, nothing of the caller's). A unit that exits with a failure and says
 Restart=on-failure is started again after RestartSec=; one that exits cleanly stays down.
 The state file beside the plan (supervisor-state.json, rewritten at every change) names each
 unit ("ROLE/UNIT") with its PID and start time, so `svmotion lab status` and the tests find processes by PID.
@@ -26,6 +27,9 @@ from agent.supervisor import process_start_time
 from svlab.units import Unit, read_unit
 
 POLL_S = 0.2
+# What systemd gives a system unit, before its Environment=: not the caller's environment (a
+# PYTHONDONTWRITEBYTECODE of the caller once hid a provisioning that was not idempotent).
+UNIT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
 @dataclass
@@ -43,7 +47,7 @@ class Running:
     def start(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(["ip", "netns", "exec", self.netns, *self.unit.exec_start],
-                                         env=dict(os.environ, **self.unit.environment),
+                                         env={**UNIT_ENV, **self.unit.environment},
                                          stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         self.restart_at = None
         self.exited = False

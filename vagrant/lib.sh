@@ -30,11 +30,13 @@ put_file() {
   note_change "$dest"
 }
 
-# put_tree SRC DEST: DEST becomes a copy of directory SRC (by content; __pycache__ left out).
+# put_tree SRC DEST: DEST becomes a copy of directory SRC (by content). Python writes __pycache__
+# into DEST when it runs from there: left out, and directories' times are not kept (a new
+# __pycache__ changes its directory's time, which is no change to the copy).
 put_tree() {
   src=$1 dest=$2
   mkdir -p "$dest"
-  out=$(rsync -a --no-owner --no-group --delete --checksum --itemize-changes --exclude __pycache__ "$src/" "$dest/") \
+  out=$(rsync -a --omit-dir-times --no-owner --no-group --delete --checksum --itemize-changes --exclude __pycache__ "$src/" "$dest/") \
     || die "cannot copy $src to $dest"
   [ -z "$out" ] || note_change "$dest ($(printf '%s\n' "$out" | wc -l) entries)"
 }
