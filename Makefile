@@ -10,8 +10,9 @@ DEB_PKGS := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd fuse3 \
 # vagrant, shellcheck: tests/lab checks the Vagrant lab's files. rsync and the python3-* modules:
 # the lab's hosts run svmotion with Debian's own python3, as vagrant/provision.sh installs it.
 # vagrant-libvirt: `vagrant validate` then checks the libvirt provider's settings too. Without its
-# recommends (an NFS server, libguestfs): validation needs none of them.
-DEB_PKGS_NO_RECOMMENDS := vagrant-libvirt
+# recommends (an NFS server, libguestfs): validation needs none of them. systemd-container,
+# debootstrap: tests/lab boots Debian 12 machines with systemd (svlab/nspawn.py).
+DEB_PKGS_NO_RECOMMENDS := vagrant-libvirt systemd-container debootstrap
 PYTEST_ARGS ?=
 FAULTS_ARGS ?=
 

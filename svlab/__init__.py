@@ -5,6 +5,8 @@ dst (an agent offering a datastore), mon (Prometheus scraping both). On real mac
 Vagrant boxes provisioned by vagrant/provision.sh; on one machine, network namespaces on a
 bridge (nslab.py) provisioned by that same script, with a small supervisor (supervisor.py) in
 place of systemd running the units the script wrote (units.py). guest.py is the guest service.
+nspawn.py boots Debian 12 machines with systemd on one host, where the tests prove what only
+systemd does with those units.
 
 Lab code that still lives in agent/ (lab.py: the QEMU guest; netns.py: namespace hosts;
 writer.py, demo.py) is to move here later; this package only imports it.

@@ -19,6 +19,7 @@
 #                  supervisor runs their ExecStart= lines)
 #   --no-packages  fail instead of installing a missing Debian package
 #   --no-grafana   mon without Grafana (no Grafana package on the CI machine)
+#   --packages-only  install the Debian packages of ROLE and stop (to prepare a machine image)
 # Idempotent: a second run changes nothing and says so (no "changed:" line; see lib.sh).
 # Settings (addresses, ports, paths): lab.env, overridable from the environment.
 set -eu
@@ -31,13 +32,13 @@ PROJECT=$(dirname "$HERE")
 . "$HERE/lib.sh"
 
 usage() {
-  echo "usage: provision.sh src|dst|mon [--root DIR] [--shared DIR] [--no-systemd] [--no-packages] [--no-grafana]" >&2
+  echo "usage: provision.sh src|dst|mon [--root DIR] [--shared DIR] [--no-systemd] [--no-packages] [--no-grafana] [--packages-only]" >&2
   exit 2
 }
 
 ROLE=${1:-}
 case $ROLE in src|dst|mon) shift ;; *) usage ;; esac
-ROOT="" SHARED=/vagrant/.lab SYSTEMD=yes PACKAGES=yes GRAFANA=yes
+ROOT="" SHARED=/vagrant/.lab SYSTEMD=yes PACKAGES=yes GRAFANA=yes PACKAGES_ONLY=no
 while [ $# -gt 0 ]; do
   case $1 in
     --root) [ $# -ge 2 ] || usage; ROOT=${2%/}; shift 2 ;;
@@ -45,6 +46,7 @@ while [ $# -gt 0 ]; do
     --no-systemd) SYSTEMD=no; shift ;;
     --no-packages) PACKAGES=no; shift ;;
     --no-grafana) GRAFANA=no; shift ;;
+    --packages-only) PACKAGES_ONLY=yes; shift ;;
     *) usage ;;
   esac
 done
@@ -318,6 +320,10 @@ grafana() {
 
 say "provisioning ${ROOT:-/} (address $ADDR)"
 packages
+if [ "$PACKAGES_ONLY" = yes ]; then
+  say "done (packages only), $CHANGES change(s)"
+  exit 0
+fi
 install_svmotion
 case $ROLE in
   src) certificates; src_host ;;
