@@ -289,7 +289,9 @@ grafana() {
   key=/etc/apt/keyrings/grafana.gpg
   if [ ! -s "$key" ]; then
     mkdir -p /etc/apt/keyrings
-    curl -fsSL https://apt.grafana.com/gpg.key | gpg --dearmor > "$key.new" || die "cannot fetch Grafana's key"
+    curl -fsSL -o "$key.asc" https://apt.grafana.com/gpg.key || die "cannot fetch Grafana's key"
+    gpg --dearmor < "$key.asc" > "$key.new" || die "Grafana's key is not an OpenPGP key"
+    rm -f "$key.asc"
     mv "$key.new" "$key"
     note_change "$key"
   fi
