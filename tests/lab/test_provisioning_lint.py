@@ -29,7 +29,8 @@ def need(tool: str, package: str) -> str:
 def validate(where: Path, home: Path) -> subprocess.CompletedProcess[str]:
     """`vagrant validate` in `where`, with a home of its own (not the user's ~/.vagrant.d)."""
     vagrant = need("vagrant", "vagrant")
-    env = dict(os.environ, VAGRANT_HOME=str(home), VAGRANT_CHECKPOINT_DISABLE="1")
+    env = dict(os.environ, VAGRANT_HOME=str(home), VAGRANT_CHECKPOINT_DISABLE="1",
+               VAGRANT_DOTFILE_PATH=str(home.parent / "dotfile"))       # not vagrant/.vagrant in the checkout
     return subprocess.run([vagrant, "validate"], cwd=where, env=env, capture_output=True, text=True, timeout=120)
 
 
