@@ -359,6 +359,8 @@ main.add_command(attach_cmd)
 main.add_command(detach_cmd)
 from agent.cli_tls import tls  # noqa: E402  (svmotion tls init DIR --host NAME...)
 main.add_command(tls)
+from svlab.cli import lab  # noqa: E402  (svmotion lab up|down|status|migrate|query)
+main.add_command(lab)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,19 @@ class Lab:
             self.close()
             raise
 
+    @classmethod
+    def adopt(cls, base: str, hosts: tuple[str, ...], subnet: ipaddress.IPv4Network = SUBNET) -> "Lab":
+        """The lab another process made as `base` (its `Lab.base`, e.g. recorded by `svmotion lab
+        up`), to reach its hosts or `close` it; only its namespaces that still exist are taken."""
+        lab = cls.__new__(cls)
+        lab.base = base
+        lab.hosts = {name: Host(name, f"{base}-{name}", host_address(i, subnet), subnet.prefixlen)
+                     for i, name in enumerate(hosts)}
+        existing = set(pyroute2_netns.listnetns())
+        names = [host.netns for host in lab.hosts.values()] + [f"{base}-{SWITCH}"]
+        lab._made = [name for name in names if name in existing]
+        return lab
+
     def __getitem__(self, name: str) -> Host:
         return self.hosts[name]
 

@@ -171,3 +171,22 @@ def test_a_process_left_inside_is_named_and_the_lab_removed_anyway(testlib) -> N
         sleeper.kill()
         sleeper.wait()
         lab.close()
+
+
+def test_another_process_adopts_a_lab_by_its_base_and_removes_it() -> None:
+    """`svmotion lab down` runs in another process than `up`: Lab.adopt finds the hosts by name."""
+    lab = Lab("svmt", ("a", "b", "mon"))
+    made = {host.netns for host in lab.hosts.values()} | {f"{lab.base}-switch"}
+    try:
+        adopted = Lab.adopt(lab.base, ("a", "b", "mon"))
+        assert {h.netns: h.address for h in adopted.hosts.values()} == \
+               {h.netns: h.address for h in lab.hosts.values()}
+        ours, theirs = connect(adopted["a"], adopted["mon"])
+        ours.close()
+        theirs.close()
+    except BaseException:
+        lab.close()
+        raise
+    adopted.close()
+    assert not made & namespaces()
+    assert Lab.adopt(lab.base, ("a", "b", "mon"))._made == []    # a lab already gone: nothing to adopt
