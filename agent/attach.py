@@ -49,6 +49,7 @@ DEFAULT_STATE_DIR = "/run/svmotion/attach"
 METHODS = ("auto", "netlink", "nbdfuse")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 READY_TIMEOUT_S = 15.0
+LOOP_RELEASE_TIMEOUT_S = 60.0
 EXIT_TIMEOUT_S = 10.0
 
 
@@ -462,10 +463,14 @@ def remove_remains(slot: Path, att: Attachment) -> None:
 
 
 def detach_loop(device: str) -> None:
-    """losetup -d, then wait until the kernel really let go of the backing file."""
+    """losetup -d, then wait until the kernel really let go of the backing file.
+
+    The release writes the device's dirty pages back first, through nbdfuse and NBD to the mirror
+    node: on a loaded host that took more than 10 s (a full suite beside other work), so the wait
+    is for the write-back, not for a process exit."""
     subprocess.run(["losetup", "--detach", device], capture_output=True)
     wait_for(lambda: device not in loop_backing_files(), f"{device} to release its backing file",
-             EXIT_TIMEOUT_S)
+             LOOP_RELEASE_TIMEOUT_S)
 
 
 def stop_nbdfuse(pid: int | None, mount: str) -> None:
