@@ -33,8 +33,8 @@ Design notes
   follows the mode it read: a dirty-mode update marks its chunk after its source write (so a
   sync or async update that found the chunk clean raced only with bytes the guest had not
   ordered); a sync update to a chunk an async send is still pending for would overtake it, so it
-  marks the chunk dirty instead; and the copier waits for a chunk's pending sends before it
-  copies (sender.py). Sends offered before a switch away from async still drain.
+  marks the chunk dirty instead; and the copier leaves a chunk with pending sends for a later
+  pass (sender.py). Sends offered before a switch away from async still drain.
 - The throttle (convergence control, set by the agent): a delay before a guest update starts,
   in every mode, while the mirror is installed. It slows the guest's dirtying where the
   destination cannot keep up; the agent bounds it and lifts it.
@@ -69,8 +69,9 @@ from .stats import DiskStats
 
 MODES = ("sync", "async", "dirty")
 PARALLEL_MIN_BYTES = 256 << 10
-# Sender threads for a destination behind NBD: requests in flight at once (each waits a round trip).
-NBD_SEND_WORKERS = 8
+# Sender threads for a destination behind NBD: requests in flight at once (each waits a round
+# trip). 8 carried 6.5 MB/s of 4 KiB writes to a destination 5 ms away, less than a 20 MB/s guest.
+NBD_SEND_WORKERS = 32
 MAX_THROTTLE_SECONDS = 1.0
 
 Op = Callable[[], None]
@@ -175,11 +176,10 @@ class Mirror:
         self._stats.overflowed(count)
         self._mark_dirty(offset, count)
 
-    def await_sends(self, first: int, last: int) -> None:
-        """Wait for the pending sends to chunks first..last (a copier run that holds them, before
-        it reads the source: see sender.py)."""
-        if self.sender is not None:
-            self.sender.wait_idle(first, last)
+    def sends_pending(self, first: int, last: int) -> bool:
+        """Whether sends to chunks first..last are pending: a copier run that holds them leaves
+        them dirty for a later pass instead of copying (see sender.py)."""
+        return self.sender is not None and self.sender.pending_in(first, last)
 
     def drain_sends(self, deadline: float | None = None) -> bool:
         """Wait for every pending send; False if the deadline came first."""

@@ -97,8 +97,10 @@ class Pipeline:
             while self._runs:
                 self._run_events(wait=True)
             held = self.mirror.locks.acquire(first, last)
+        if self.mirror.sends_pending(first, last):
+            self.mirror.locks.release(held)     # left dirty for a later pass (sender.py)
+            return
         run = Run(first, last, held)
-        self.mirror.await_sends(first, last)   # older sends to these chunks land first (sender.py)
         dmap.clear(first, last)
         self._runs.append(run)
         offset, count = first << dmap.shift, dmap.chunk_bytes(first, last)

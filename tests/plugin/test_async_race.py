@@ -133,6 +133,7 @@ def test_a_sync_write_after_a_switch_does_not_overtake_a_pending_send(sides) -> 
     assert side.mirror.map.is_dirty(0), "a sync write went to a chunk with a send still pending"
     assert not held.new_started.is_set()
     held.release()
+    assert side.mirror.drain_sends(time.monotonic() + 20)
     copy_run(side.source, side.mirror, 0, 0)
     side.assert_equal()
 
@@ -144,13 +145,12 @@ def run_with_copy_run(side: Sides) -> None:
 def run_with_pipeline(side: Sides) -> None:
     pipeline = Pipeline(side.source, side.mirror)
     pipeline.start(0, 0)
-    results = pipeline.drain()
-    assert results and results[0].error is None, results
+    assert all(run.error is None for run in pipeline.drain())
 
 
 @pytest.mark.parametrize("copier", [run_with_copy_run, run_with_pipeline], ids=["copy_run", "pipeline"])
 @pytest.mark.parametrize("dirtied_by", ["dirty mode", "the bound"])
-def test_the_copier_waits_for_a_pending_send_to_its_chunks(sides, copier, dirtied_by: str) -> None:
+def test_the_copier_leaves_a_chunk_with_a_pending_send_for_a_later_pass(sides, copier, dirtied_by: str) -> None:
     side, held = sides(async_requests=1) if dirtied_by == "the bound" else sides()
     side.guest_write(OLD)
     assert held.old_started.wait(5)
@@ -160,17 +160,16 @@ def test_the_copier_waits_for_a_pending_send_to_its_chunks(sides, copier, dirtie
     assert side.mirror.map.is_dirty(0)
     if dirtied_by == "the bound":
         assert side.stats.overflow_bytes == WRITE
-    done = threading.Event()
-    thread = threading.Thread(target=lambda: (copier(side), done.set()))
-    thread.start()
     try:
-        # Without the wait the copier copies NEW now and OLD's send lands on top of it later.
-        finished_early = done.wait(1.0)
+        # Copying NEW now would let OLD's send land on top of it later; waiting for the send with
+        # the chunk held would hold the guest's writes to it behind the whole send queue.
+        copier(side)
+        assert side.mirror.map.is_dirty(0), "the copier copied a chunk while an older send to it was in flight"
     finally:
         held.release()
-        thread.join(20)
+    assert side.mirror.drain_sends(time.monotonic() + 20)
+    copier(side)              # the later pass: the send has landed, the chunk is free
     side.assert_equal()
-    assert not finished_early, "the copier copied a chunk while an older send to it was in flight"
 
 
 def test_a_drain_waits_for_the_sends_pending_when_it_began_not_for_later_ones() -> None:
@@ -178,10 +177,17 @@ def test_a_drain_waits_for_the_sends_pending_when_it_began_not_for_later_ones() 
     began has settled, even though the guest keeps the queue from ever being empty."""
     from nbd_plugin.sender import Send, Sender
     gates = [threading.Event() for _ in range(3)]
+    first_started = threading.Event()
     sender = Sender(1, on_sent=lambda n: None, on_failed=lambda send, err: None)
+
+    def first() -> None:
+        first_started.set()
+        gates[0].wait(20)
+
     try:
-        for chunk, gate in enumerate(gates[:2]):
-            sender.offer(Send(chunk, chunk, chunk * GRANULARITY, WRITE, WRITE, lambda g=gate: g.wait(20) and None))
+        sender.offer(Send(0, 0, 0, WRITE, WRITE, first))
+        sender.offer(Send(1, 1, GRANULARITY, WRITE, WRITE, lambda: gates[1].wait(20) and None))
+        assert first_started.wait(5)     # the worker took its batch: what comes now is later
         drained = threading.Event()
         thread = threading.Thread(target=lambda: sender.drain(time.monotonic() + 20) and drained.set())
         thread.start()
