@@ -59,7 +59,7 @@ def test_migration_under_writer(agent_vm, dest_dir: Path, tmp_path: Path, strate
     kinds = [s["kind"] for s in record["stuns"] if s.get("outcome") == "released"]
     assert kinds == ["mirror_install", "switchover"]
     endgame = [s["name"] for s in record["steps"] if "end-game" in s["name"]]
-    assert endgame == (["mirror sync (async end-game)"] if mirror == "async" else []), record["steps"]
+    assert endgame in ([[], ["mirror sync (async end-game)"]] if mirror == "async" else [[]]), record["steps"]
     assert all(s["max_wait_seconds"] <= s["duration_seconds"] + 1e-3 for s in record["stuns"])
     full = json.loads(report_file.read_text())
     assert full["samples"] and {"t", "phase", "dirty_bytes", "copied_bytes", "guest_written_bytes"} <= \
