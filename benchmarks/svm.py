@@ -32,6 +32,15 @@ from . import images
 POLL = 0.02
 LEASE = 2.0
 
+Poll = Callable[[dict[str, Any]], None]
+
+
+def remaining_bytes(status: dict[str, Any]) -> int:
+    """What the destinations still lack: dirty chunks plus async sends still pending (both must
+    reach them before or under the switchover stun)."""
+    return sum(d["dirty_bytes"] + ((d.get("async") or {}).get("pending_bytes", 0))
+               for d in status["disks"].values())
+
 
 @dataclass(frozen=True)
 class Place:
@@ -134,11 +143,17 @@ class MirrorNodeDriver:
             timing = self.unstun(stun_id, t0)
         return timing
 
-    def wait_copy(self, timeout: float) -> dict[str, Any]:
-        """Poll until no disk is copying; return the last status."""
+    def mirror_set(self, **changes: Any) -> dict[str, Any]:
+        """Change the running mirror of every disk (mode, throttle, rate: PROTOCOL12), no stun."""
+        return self.client.call("mirror_set", disk=None, **changes)
+
+    def wait_copy(self, timeout: float, on_poll: Poll | None = None) -> dict[str, Any]:
+        """Poll until no disk is copying; return the last status. `on_poll` sees every status."""
         deadline = time.monotonic() + timeout
         while True:
             status = self.status()
+            if on_poll is not None:
+                on_poll(status)
             jobs = [d["copy"] for d in status["disks"].values() if d.get("copy")]
             errors = [j["error"] for j in jobs if j.get("error")]
             if errors:
@@ -150,9 +165,9 @@ class MirrorNodeDriver:
                 raise RuntimeError(f"copy did not finish within {timeout:.0f}s")
             time.sleep(POLL)
 
-    def copy(self, kind: str, rate: int, timeout: float) -> dict[str, Any]:
+    def copy(self, kind: str, rate: int, timeout: float, on_poll: Poll | None = None) -> dict[str, Any]:
         self.client.call("copy", kind=kind, rate=rate)
-        return self.wait_copy(timeout)
+        return self.wait_copy(timeout, on_poll)
 
     def next_dests(self, place: Place | None = None) -> dict[str, Dest]:
         """Fresh destinations, created at the right size: in `place`, else beside each disk's file."""
@@ -174,9 +189,12 @@ class MirrorNodeDriver:
                 max_dirty_passes: int = 20, keep_old: bool = False,
                 after_install: Callable[[], None] | None = None,
                 after_copy: Callable[[], None] | None = None,
-                place: Place | None = None, dests: dict[str, Dest] | None = None) -> Migration:
+                place: Place | None = None, dests: dict[str, Dest] | None = None,
+                on_poll: Poll | None = None) -> Migration:
         """One full migration of every disk to fresh files (in `place`, or the given `dests`);
-        the old files are deleted afterwards.
+        the old files are deleted afterwards. `mode`: sync, async or dirty (the mirror's mode);
+        `on_poll` sees every status polled during the copy passes (a convergence rule there
+        may call `mirror_set`).
 
         `after_install` runs once the mirror is installed and before the copy (case 8 reads the
         plugin's memory there); `after_copy` once the copy passes are done, before flush_dest
@@ -188,14 +206,14 @@ class MirrorNodeDriver:
         if after_install is not None:
             after_install()
         m.copy_started = time.monotonic()
-        status = self.copy("bulk", rate, copy_timeout)
+        status = self.copy("bulk", rate, copy_timeout, on_poll)
         m.passes = 1
-        # Dirty passes (the dirty-tracking mode, or chunks a destination error re-dirtied) until
-        # what is left would copy inside the stun budget at the rate the bulk copy achieved.
+        # Dirty passes (the dirty-tracking mode, async overflow, or chunks a destination error
+        # re-dirtied) until what is left would copy inside the stun budget at the rate the bulk
+        # copy achieved.
         copy_rate = max(1.0, sum(d["copy"]["rate_bps"] for d in status["disks"].values() if d.get("copy")))
-        while (sum(d["dirty_bytes"] for d in status["disks"].values()) / copy_rate > stun_budget
-               and m.passes < max_dirty_passes):
-            status = self.copy("dirty", rate, copy_timeout)
+        while remaining_bytes(status) / copy_rate > stun_budget and m.passes < max_dirty_passes:
+            status = self.copy("dirty", rate, copy_timeout, on_poll)
             m.passes += 1
         m.copy_done = time.monotonic()
         if after_copy is not None:
