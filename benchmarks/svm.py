@@ -20,6 +20,7 @@ Design notes
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -106,6 +107,10 @@ class Migration:
         return self.finished - self.started
 
 
+class NotConverged(RuntimeError):
+    """The copy passes did not bring what remains within the stun budget in time (aborted)."""
+
+
 class MirrorNodeDriver:
     """A control connection to one VM's mirror node and the migrations run through it."""
 
@@ -190,11 +195,12 @@ class MirrorNodeDriver:
                 after_install: Callable[[], None] | None = None,
                 after_copy: Callable[[], None] | None = None,
                 place: Place | None = None, dests: dict[str, Dest] | None = None,
-                on_poll: Poll | None = None) -> Migration:
+                on_poll: Poll | None = None, converge_timeout: float | None = None) -> Migration:
         """One full migration of every disk to fresh files (in `place`, or the given `dests`);
         the old files are deleted afterwards. `mode`: sync, async or dirty (the mirror's mode);
         `on_poll` sees every status polled during the copy passes (a convergence rule there
-        may call `mirror_set`).
+        may call `mirror_set`); past `converge_timeout` seconds of copying the migration is
+        aborted back to the source and NotConverged raised.
 
         `after_install` runs once the mirror is installed and before the copy (case 8 reads the
         plugin's memory there); `after_copy` once the copy passes are done, before flush_dest
@@ -212,7 +218,12 @@ class MirrorNodeDriver:
         # re-dirtied) until what is left would copy inside the stun budget at the rate the bulk
         # copy achieved.
         copy_rate = max(1.0, sum(d["copy"]["rate_bps"] for d in status["disks"].values() if d.get("copy")))
+        give_up = m.copy_started + (converge_timeout or math.inf)
         while remaining_bytes(status) / copy_rate > stun_budget and m.passes < max_dirty_passes:
+            if time.monotonic() > give_up:
+                self.abort()
+                raise NotConverged(f"what the destinations lack ({remaining_bytes(status)} bytes) did "
+                                   f"not fit the stun budget within {converge_timeout:.0f} s; aborted")
             status = self.copy("dirty", rate, copy_timeout, on_poll)
             m.passes += 1
         m.copy_done = time.monotonic()
