@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from agent.jsonlines import RemoteError
+
 from . import images, procs
 from .cases import LOAD_RATE, Context, size_label
 from .loadgen import LoadGen, Trace
@@ -77,10 +79,11 @@ def slowed_destination(work: str, name: str, size: int, filters: list[str],
 def migrate_to(ctx: Context, case: Case, work: str, source: str, mode: str,
                filters: list[str], params: list[str], pre_seconds: float,
                rule: Callable[[MirrorNodeDriver], Poll] | None = None,
-               converge_timeout: float | None = None) -> tuple[Migration | None, Trace]:
+               converge_timeout: float | None = None,
+               copy_rate: float | None = None) -> tuple[Migration | None, Trace]:
     """One svmotion migration of `source` to a slowed destination under the paced load: the
-    migration's timings (None when it did not converge in time and was aborted) and the guest's
-    trace."""
+    migration's timings (None when it did not converge in time or its switchover was refused;
+    it is then aborted and the case says why) and the guest's trace."""
     server, dest_file, dest_sock = slowed_destination(work, f"dest-{mode}", os.path.getsize(source),
                                                       filters, params)
     m = None
@@ -96,9 +99,13 @@ def migrate_to(ctx: Context, case: Case, work: str, source: str, mode: str,
                     m = drv.migrate(mode=mode, keep_old=True, stun_budget=STUN_BUDGET,
                                     max_dirty_passes=MAX_PASSES, converge_timeout=converge_timeout,
                                     dests={"disk0": Dest(procs.nbd_uri(dest_sock), dest_file)},
-                                    on_poll=rule(drv) if rule is not None else None)
+                                    on_poll=rule(drv) if rule is not None else None,
+                                    copy_rate=copy_rate)
                 except NotConverged as err:
                     case.notes.append(f"svmotion {mode}: {err}")
+                except RemoteError as err:
+                    case.notes.append(f"svmotion {mode}: {err.op} refused: {err.reply.get('error')}")
+                    drv.abort()
                 trace = lg.stop()
     finally:
         os.unlink(dest_file)
@@ -264,7 +271,7 @@ def case_quarter_rate(ctx: Context) -> Case:
             rules: list[ThrottleRule] = []
             m, trace = migrate_to(ctx, case, work, source, "async", filters, params, acfg.pre_seconds,
                                   rule=throttle_rule(acfg.throttle_bound, rules),
-                                  converge_timeout=acfg.converge_timeout)
+                                  converge_timeout=acfg.converge_timeout, copy_rate=link)
             rate_before.append(trace.throughput(trace.meta["start"] + 0.3, trace.meta["start"] + acfg.pre_seconds))
             if m is not None:
                 converge.append(m.copy_done - m.started)
@@ -300,7 +307,7 @@ def case_quarter_rate(ctx: Context) -> Case:
                       f"every {ThrottleRule.WINDOW:g} s, if dirty + async pending bytes shrank by less "
                       f"than {ThrottleRule.SHRINK:.0%}, the delay doubles (from "
                       f"{ThrottleRule.START * 1e6:g} us, bound {acfg.throttle_bound * 1e3:g} ms); "
-                      "converged = dirty + pending fit 50 ms of the bulk copy's rate.")
+                      "converged = dirty + pending fit 50 ms of the destination's rate.")
     return case
 
 

@@ -149,8 +149,9 @@ class MirrorNodeDriver:
         return timing
 
     def mirror_set(self, **changes: Any) -> dict[str, Any]:
-        """Change the running mirror of every disk (mode, throttle, rate: PROTOCOL12), no stun."""
-        return self.client.call("mirror_set", disk=None, **changes)
+        """Change the running mirror of every disk (mode, throttle, rate), no stun. The disk is
+        left out rather than sent as null: the plugin refuses an explicit null."""
+        return self.client.call("mirror_set", **changes)
 
     def wait_copy(self, timeout: float, on_poll: Poll | None = None) -> dict[str, Any]:
         """Poll until no disk is copying; return the last status. `on_poll` sees every status."""
@@ -195,12 +196,14 @@ class MirrorNodeDriver:
                 after_install: Callable[[], None] | None = None,
                 after_copy: Callable[[], None] | None = None,
                 place: Place | None = None, dests: dict[str, Dest] | None = None,
-                on_poll: Poll | None = None, converge_timeout: float | None = None) -> Migration:
+                on_poll: Poll | None = None, converge_timeout: float | None = None,
+                copy_rate: float | None = None) -> Migration:
         """One full migration of every disk to fresh files (in `place`, or the given `dests`);
         the old files are deleted afterwards. `mode`: sync, async or dirty (the mirror's mode);
         `on_poll` sees every status polled during the copy passes (a convergence rule there
         may call `mirror_set`); past `converge_timeout` seconds of copying the migration is
-        aborted back to the source and NotConverged raised.
+        aborted back to the source and NotConverged raised. `copy_rate` turns the stun budget
+        into bytes (default: the rate the bulk copy achieved).
 
         `after_install` runs once the mirror is installed and before the copy (case 8 reads the
         plugin's memory there); `after_copy` once the copy passes are done, before flush_dest
@@ -216,8 +219,9 @@ class MirrorNodeDriver:
         m.passes = 1
         # Dirty passes (the dirty-tracking mode, async overflow, or chunks a destination error
         # re-dirtied) until what is left would copy inside the stun budget at the rate the bulk
-        # copy achieved.
-        copy_rate = max(1.0, sum(d["copy"]["rate_bps"] for d in status["disks"].values() if d.get("copy")))
+        # copy achieved, or the one given.
+        if copy_rate is None:
+            copy_rate = max(1.0, sum(d["copy"]["rate_bps"] for d in status["disks"].values() if d.get("copy")))
         give_up = m.copy_started + (converge_timeout or math.inf)
         while remaining_bytes(status) / copy_rate > stun_budget and m.passes < max_dirty_passes:
             if time.monotonic() > give_up:
