@@ -163,11 +163,12 @@ class Mirror:
         if not self.sender.offer(send):
             self._left_to_copier(offset, count)
 
-    def _sent(self, send: Send) -> None:
-        self._stats.dest_written(send.count)
+    def _sent(self, nbytes: int) -> None:
+        self._stats.dest_written(nbytes)
 
     def _send_failed(self, send: Send, err: OSError) -> None:
-        self._dest_failed("send", err)
+        if err.errno != errno.ECANCELED:     # cancelled: not sent, because the mirror failed
+            self._dest_failed("send", err)
         self._left_to_copier(send.offset, send.count)
 
     def _left_to_copier(self, offset: int, count: int) -> None:
@@ -198,6 +199,8 @@ class Mirror:
         """The destination is unusable: drop it (see the module notes); the first reason is kept."""
         if self.failed is None:
             self.failed = reason
+        if self.sender is not None:
+            self.sender.abandon()
 
     def _both_parallel(self, op: str, source_op: Op, dest_op: Op, offset: int, count: int) -> None:
         target = self._pool.submit(dest_op)

@@ -669,16 +669,17 @@ def test_the_bulk_copy_to_a_remote_destination_leaves_little_unwritten(tmp_path:
 
 # ---- a destination that stops answering -----------------------------------------------------------
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize("during", ["mirrored writes", "the bulk copy"])
 def test_a_destination_that_stops_answering_fails_the_mirror_not_the_guest(
-        tmp_path: Path, testlib, pki, start_nbd_server, start_mirror_node, during: str) -> None:
+        tmp_path: Path, testlib, pki, start_nbd_server, start_mirror_node, during: str, mode: str) -> None:
     """A frozen destination (SIGSTOP: its connections stay open, nothing answers), as on a dead
     link: guest writes complete within the destination deadline plus a margin, without error;
     the mirror is failed, the switchover refused, and the abort brings back the plain source."""
     dest_timeout = 0.5
     site = to_export(tmp_path, testlib, pki, start_nbd_server, start_mirror_node, 16 * MiB, dest_timeout)
     disks, server, node, ctl = site.disks, site.server, site.node, site.ctl
-    flow = Flow(ctl, disks, {"disk0": server.uri}, rate=4 * MiB)
+    flow = Flow(ctl, disks, {"disk0": server.uri}, mode=mode, rate=4 * MiB)
     writer = start_writer(node, connections=2, queue_depth=4, rate=4 * MiB, fua_ratio=0.1, flush_ratio=0.05)
     try:
         flow.install()
@@ -796,8 +797,9 @@ def test_bad_remote_locations_are_refused(tmp_path: Path, testlib, pki, start_mi
         assert says in log.read_text(), log.read_text()[-1500:]
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_destination_that_returns_eio_fails_the_mirror_not_the_guest(
-        tmp_path: Path, testlib, pki, start_nbd_server, start_mirror_node) -> None:
+        tmp_path: Path, testlib, pki, start_nbd_server, start_mirror_node, mode: str) -> None:
     """A destination whose writes start failing with EIO (nbdkit's error filter, switched on by a
     file) during the bulk copy: the guest sees no error, the mirror is failed, the abort brings
     back the plain source with everything the guest wrote."""
@@ -806,7 +808,7 @@ def test_a_destination_that_returns_eio_fails_the_mirror_not_the_guest(
                      filters=("--filter=error", "error-pwrite=EIO", "error-pwrite-rate=100%",
                               f"error-pwrite-file={trigger}"))
     disks, server, node, ctl = site.disks, site.server, site.node, site.ctl
-    flow = Flow(ctl, disks, {"disk0": server.uri}, rate=4 * MiB)
+    flow = Flow(ctl, disks, {"disk0": server.uri}, mode=mode, rate=4 * MiB)
     writer = start_writer(node, connections=2, queue_depth=4, rate=4 * MiB, fua_ratio=0.1, flush_ratio=0.05)
     try:
         flow.install()
