@@ -426,6 +426,7 @@ def case_during_copy(ctx: Context) -> tuple[Case, Case]:
     for key in ours:
         c4.verdict(f"{key}: destination bytes / disk size at switchover (median)",
                    summarize(amp[f"{key}, at switchover"])["median"], 1.05, "lower", "ratio")
+    c4.notes.append(_async_excess(amp, during["svmotion async"], copy_seconds["svmotion async"], size))
     c3.notes.append("Each svmotion run migrates twice under the same writer; the second migration "
                     f"waits {MIRROR_HOLD:g} s on the copied mirror before flush_dest, which gives "
                     "the 'no copy running' row (the mirror's own cost, without the copier). "
@@ -437,6 +438,24 @@ def case_during_copy(ctx: Context) -> tuple[Case, Case]:
                     "the sender carried; 'overflowed' are writes past the sender's bound, whose "
                     "chunks the copier carried again (counted in 'copier only').")
     return c3, c4
+
+
+def _async_excess(amp: dict[str, list[float]], during: list[float], copy_seconds: list[float],
+                  size: int) -> str:
+    """What the async mirror's bytes above one copy are made of (medians), beside what any mirror
+    that keeps the guest's rate must send: its writes into chunks already copied, about half of
+    what it writes during the copy (on average half the disk is copied)."""
+    def med(key: str) -> float:
+        return summarize(amp[f"svmotion async, {key}"])["median"]
+
+    kept = summarize([d * t / 2 / size for d, t in zip(during, copy_seconds)])["median"]
+    return (f"svmotion async, medians: {med('at switchover') - 1:.3f}x above one copy; the guest's "
+            f"writes sent behind the copier {med('guest writes sent behind the copier (async.sent_bytes)'):.3f}x, "
+            f"the copier's re-copies {med('copier only') - 1:.3f}x (chunks dirtied by "
+            f"{med('overflowed to the copier (async.overflow_bytes)'):.3f}x of overflowed writes: a "
+            f"4 KiB write past the sender's bound costs its 64 KiB chunk). Guest rate during the copy x "
+            f"copy seconds / 2 / disk size = {kept:.3f}x: what reaching copied chunks costs at the "
+            "rate the guest kept, whichever mirror carries it.")
 
 
 def _migrate_under_max_rate(ctx: Context, work: str, source: str, mode: str, c3: Case, c4: Case,
