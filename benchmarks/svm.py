@@ -108,7 +108,12 @@ class Migration:
 
 
 class NotConverged(RuntimeError):
-    """The copy passes did not bring what remains within the stun budget in time (aborted)."""
+    """The copy passes did not bring what remains within the stun budget in time (aborted);
+    `migration` holds the timings so far (copy_done: when it gave up)."""
+
+    def __init__(self, message: str, migration: "Migration"):
+        super().__init__(message)
+        self.migration = migration
 
 
 class MirrorNodeDriver:
@@ -225,9 +230,10 @@ class MirrorNodeDriver:
         give_up = m.copy_started + (converge_timeout or math.inf)
         while remaining_bytes(status) / copy_rate > stun_budget and m.passes < max_dirty_passes:
             if time.monotonic() > give_up:
+                m.copy_done = time.monotonic()
                 self.abort()
                 raise NotConverged(f"what the destinations lack ({remaining_bytes(status)} bytes) did "
-                                   f"not fit the stun budget within {converge_timeout:.0f} s; aborted")
+                                   f"not fit the stun budget within {converge_timeout:.0f} s; aborted", m)
             status = self.copy("dirty", rate, copy_timeout, on_poll)
             m.passes += 1
         m.copy_done = time.monotonic()
