@@ -100,14 +100,16 @@ class Context:
 
     @contextlib.contextmanager
     def mirror_node(self, work: str, disks: dict[str, str], vm: str = "vm1",
-                    files: dict[str, str] | None = None, extra: Sequence[str] = ()
+                    files: dict[str, str] | None = None, extra: Sequence[str] = (),
+                    control_timeout: float = 120.0
                     ) -> Iterator[tuple[procs.Service, MirrorNodeDriver, str]]:
-        """A running mirror node serving `disks` {name: path or URI}, its control driver, its NBD
-        socket; `files` are the files behind URIs, `extra` further plugin parameters."""
+        """A running mirror node serving `disks` {name: path or URI}, its control driver (each
+        call bounded by `control_timeout`), its NBD socket; `files` are the files behind URIs,
+        `extra` further plugin parameters."""
         sock, control = os.path.join(work, f"{vm}.nbd"), os.path.join(work, f"{vm}.ctl")
         node = procs.mirror_node(vm, list(disks.items()), sock, control, work, extra=extra)
         with node:
-            driver = MirrorNodeDriver(control, disks, files)
+            driver = MirrorNodeDriver(control, disks, files, timeout=control_timeout)
             try:
                 yield node, driver, sock
             finally:

@@ -44,6 +44,7 @@ STUN_BUDGET = 0.05
 # (pipeline.py) and more: past the default 1 s deadline, which fails the mirror. The deadline
 # must stay under the lease, so both are raised for this case.
 SLOW_LINK_NODE = ("lease=10", "dest-timeout=5")
+CONTROL_TIMEOUT = 30.0
 MAX_PASSES = 100_000    # dirty passes end when what remains fits the budget (or at the timeout)
 
 
@@ -63,7 +64,7 @@ class AsyncConfig:
 
 CONFIGS = {
     "full": AsyncConfig(slow_disk=256 * MiB, slow_reps=3, quarter_disk=64 * MiB, quarter_reps=3,
-                        pre_seconds=3.0, converge_timeout=90.0, qemu_ready_timeout=60.0,
+                        pre_seconds=3.0, converge_timeout=60.0, qemu_ready_timeout=60.0,
                         throttle_bound=0.1),
     "quick": AsyncConfig(slow_disk=16 * MiB, slow_reps=1, quarter_disk=8 * MiB, quarter_reps=1,
                          pre_seconds=0.5, converge_timeout=60.0, qemu_ready_timeout=5.0,
@@ -93,7 +94,8 @@ def migrate_to(ctx: Context, case: Case, work: str, source: str, mode: str,
                                                       filters, params)
     m = unconverged = None
     try:
-        with server, ctx.mirror_node(work, {"disk0": source}, extra=node_params) as (node, drv, sock):
+        with server, ctx.mirror_node(work, {"disk0": source}, extra=node_params,
+                                     control_timeout=CONTROL_TIMEOUT) as (node, drv, sock):
             case.command(server.command)
             case.command(node.command)
             lg = LoadGen([procs.nbd_uri(sock, "disk0")], os.path.join(work, "load"), rate=LOAD_RATE)
@@ -112,6 +114,11 @@ def migrate_to(ctx: Context, case: Case, work: str, source: str, mode: str,
                 except RemoteError as err:
                     case.notes.append(f"svmotion {mode}: {err.op} refused: {err.reply.get('error')}")
                     drv.abort()
+                except TimeoutError:
+                    # The control connection is out of step now: the node goes down with it.
+                    case.notes.append(f"svmotion {mode}: a control call (flush_dest: it waits for every "
+                                      f"pending send while the guest adds more) did not return within "
+                                      f"{CONTROL_TIMEOUT:.0f} s; the mirror node was stopped")
                 trace = lg.stop()
     finally:
         os.unlink(dest_file)

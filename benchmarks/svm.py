@@ -119,10 +119,11 @@ class NotConverged(RuntimeError):
 class MirrorNodeDriver:
     """A control connection to one VM's mirror node and the migrations run through it."""
 
-    def __init__(self, control: str, disks: dict[str, str], files: dict[str, str] | None = None):
+    def __init__(self, control: str, disks: dict[str, str], files: dict[str, str] | None = None,
+                 timeout: float = 120.0):
         """`disks` {name: path or URI} as the mirror node serves them; `files` the files behind
-        URIs (by default the disks are local files)."""
-        self.client = JsonLinesClient(control, timeout=120.0)
+        URIs (by default the disks are local files); `timeout` bounds every control call."""
+        self.client = JsonLinesClient(control, timeout=timeout)
         self.paths = dict(disks)  # disk name -> current location (source of the next migration)
         self.files = dict(files if files is not None else disks)  # disk name -> its file
         self.generation = 0
