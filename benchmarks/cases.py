@@ -12,6 +12,7 @@ Design notes
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import time
@@ -25,7 +26,7 @@ from .loadgen import LoadGen, Trace
 from .qemu_mirror import mirror_run
 from .report import Case
 from .stats import ratio, summarize
-from .svm import MirrorNodeDriver, Migration, Place
+from .svm import MirrorNodeDriver, Migration, NotConverged, Place
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 LOAD_RATE = 20_000_000  # 20 MB/s of 4 KiB random writes, the issue's paced load
@@ -348,6 +349,7 @@ def _strategy_rows(case: Case, n: int, load: str, results: dict[str, list[Migrat
 # --- cases 3 and 4 ------------------------------------------------------------------------------
 
 MIRROR_HOLD = 1.0
+CONVERGE_TIMEOUT = 120.0   # copy passes under a max-rate writer give up (abort) after this long
 
 
 def mirror_hold() -> tuple[float, float]:
@@ -473,14 +475,31 @@ def _migrate_under_max_rate(ctx: Context, work: str, source: str, mode: str, c3:
         lg = LoadGen([procs.nbd_uri(sock, "disk0")], os.path.join(work, "load"), rate=0)
         c3.command(lg.command)
         hold: list[float] = []
+        unconverged: Migration | None = None
         with lg:
             time.sleep(ctx.cfg.pre_seconds)
             w0, t0 = procs.written_chars(node.pid), time.monotonic()
-            m = drv.migrate(mode=mode, keep_old=True)
-            w1, t1 = procs.written_chars(node.pid), time.monotonic()
-            # A second migration that waits on the copied mirror: the mirror's own cost.
-            drv.migrate(mode=mode, keep_old=True, after_copy=lambda: hold.extend(mirror_hold()))
+            try:
+                m = drv.migrate(mode=mode, keep_old=True, converge_timeout=CONVERGE_TIMEOUT)
+                w1, t1 = procs.written_chars(node.pid), time.monotonic()
+                # A second migration that waits on the copied mirror: the mirror's own cost.
+                drv.migrate(mode=mode, keep_old=True, after_copy=lambda: hold.extend(mirror_hold()),
+                            converge_timeout=CONVERGE_TIMEOUT)
+            except NotConverged as err:
+                unconverged = err.migration
+                c3.notes.append(f"{key}: {err}")
             trace = lg.stop()
+    if unconverged is not None:
+        # The copy passes' rate still counts for case 3; case 4 has no switchover to count at.
+        b = trace.throughput(trace.meta["start"] + 0.3, unconverged.started)
+        d = trace.throughput(unconverged.copy_started, unconverged.copy_done)
+        before.append(b)
+        during.append(d)
+        frac.append(ratio(d, b))
+        copy_seconds.append(math.inf)
+        c4.notes.append(f"{key}: a migration did not converge within {CONVERGE_TIMEOUT:.0f} s "
+                        "(no switchover, not counted)")
+        return _keep_only(work, drv.paths["disk0"])
     c3.command(f"per migration (control socket): install_mirror mode={mode}; copy kind=bulk; "
                "dirty passes while dirty + async pending bytes exceed 50 ms of copying; "
                "flush_dest; switchover; finish")
@@ -508,7 +527,11 @@ def _migrate_under_max_rate(ctx: Context, work: str, source: str, mode: str, c3:
     c4.command("svmotion: DiskStatus.dest_written_bytes before the switchover stun "
                "+ switchover final_bytes (async: its sent_bytes and overflow_bytes beside); "
                "cross-check: /proc/PID/io wchar of nbdkit minus the guest's completed bytes")
-    current = drv.paths["disk0"]
+    return _keep_only(work, drv.paths["disk0"])
+
+
+def _keep_only(work: str, current: str) -> str:
+    """Delete every image in `work` but `current` (earlier sources, aborted destinations); return it."""
     for path in os.listdir(work):
         full = os.path.join(work, path)
         if path.endswith(".raw") and full != current:
