@@ -127,6 +127,7 @@ class MirrorNodeDriver:
         self.paths = dict(disks)  # disk name -> current location (source of the next migration)
         self.files = dict(files if files is not None else disks)  # disk name -> its file
         self.generation = 0
+        self.last: Migration | None = None   # the latest migration begun, even one that failed
 
     def status(self) -> dict[str, Any]:
         return self.client.call("status")
@@ -214,7 +215,7 @@ class MirrorNodeDriver:
         `after_install` runs once the mirror is installed and before the copy (case 8 reads the
         plugin's memory there); `after_copy` once the copy passes are done, before flush_dest
         (case 3 measures the guest on a mirror with no copy running there)."""
-        m = Migration(strategy, mode, started=time.monotonic())
+        m = self.last = Migration(strategy, mode, started=time.monotonic())
         if dests is None:
             dests = self.next_dests(place)
         m.install = self.install(strategy, mode, granularity, {n: d.location for n, d in dests.items()})
