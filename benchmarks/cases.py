@@ -448,11 +448,12 @@ def _async_excess(amp: dict[str, list[float]], during: list[float], copy_seconds
                   size: int) -> str:
     """What the async mirror's bytes above one copy are made of (medians), beside what any mirror
     that keeps the guest's rate must send: its writes into chunks already copied, about half of
-    what it writes during the copy (on average half the disk is copied)."""
+    what it writes during the copy (on average half the disk is copied); migrations that did not
+    converge (copy seconds inf) have no switchover and are left out."""
     def med(key: str) -> float:
         return summarize(amp[f"svmotion async, {key}"])["median"]
 
-    kept = summarize([d * t / 2 / size for d, t in zip(during, copy_seconds)])["median"]
+    kept = summarize([d * t / 2 / size for d, t in zip(during, copy_seconds) if math.isfinite(t)])["median"]
     return (f"svmotion async, medians: {med('at switchover') - 1:.3f}x above one copy; the guest's "
             f"writes sent behind the copier {med('guest writes sent behind the copier (async.sent_bytes)'):.3f}x, "
             f"the copier's re-copies {med('copier only') - 1:.3f}x (chunks dirtied by "
