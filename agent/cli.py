@@ -22,11 +22,12 @@ from typing import Any, Callable
 import click
 
 from agent.config import DEFAULT_AGENT_SOCKET, load_config
+from agent.convergence import MAX_BOUND_S
 from agent.errors import (EXIT_INTERNAL, EXIT_OK, EXIT_VERIFY, AgentUnreachable, SvmotionError, die,
                           exit_code_of)
 from agent.jsonlines import JsonLinesClient, RemoteError
 from agent.plan import MIRROR_MODES, STRATEGIES, human_bytes, parse_destination
-from agent.progress import Progress, outcome_line, phase_table, render_line
+from agent.progress import Progress, change_line, outcome_line, phase_table, render_line
 from agent.verify import verify_line
 from nbd_plugin.dirtymap import MAX_GRANULARITY, MIN_GRANULARITY
 
@@ -99,7 +100,12 @@ def destination_option(ctx: click.Context, param: click.Parameter, value: str) -
 
 
 class Duration(click.ParamType):
+    """Seconds written as 50ms, 0.2s or 1, within (minimum, maximum] (or [0, maximum] with `zero`)."""
+
     name = "DURATION"
+
+    def __init__(self, maximum: float = 10.0, zero: bool = False, example: str = "50ms"):
+        self.maximum, self.zero, self.example = maximum, zero, example
 
     def convert(self, value: Any, param: Any, ctx: Any) -> float:
         if isinstance(value, float):
@@ -107,10 +113,19 @@ class Duration(click.ParamType):
         try:
             seconds = parse_duration(value)
         except ValueError:
-            self.fail(f"{value!r} is not a duration; write e.g. 50ms or 0.2s", param, ctx)
-        if not 0 < seconds <= 10:
-            self.fail(f"{value!r} must be more than 0 and at most 10 s, e.g. 50ms", param, ctx)
+            self.fail(f"{value!r} is not a duration; write e.g. {self.example} or 0.2s", param, ctx)
+        if not (0 <= seconds if self.zero else 0 < seconds) or seconds > self.maximum:
+            low = "at least 0" if self.zero else "more than 0"
+            self.fail(f"{value!r} must be {low} and at most {self.maximum:g} s, e.g. {self.example}", param, ctx)
         return seconds
+
+
+MIRROR_HELP = ("sync: a guest write is acknowledged once both sides have it; async: once the source has "
+               "it, the destination gets it in the background (for slow or remote destinations); dirty: "
+               "track dirty chunks and copy them in passes.")
+MAX_THROTTLE = Duration(maximum=MAX_BOUND_S, zero=True, example="5ms")
+MAX_THROTTLE_HELP = ("The most a guest write may be delayed so that the migration converges (0 to 1 s; 0: "
+                     "never delay, only report a migration that does not converge).")
 
 
 def agent_call(ctx: click.Context, op: str, timeout: float = 30.0, patience: float = 0.0,
@@ -172,12 +187,12 @@ def agent_cmd(config_path: str) -> None:
 @click.option("--stun-strategy", "strategy", type=click.Choice(STRATEGIES), default="optimized",
               show_default=True, help="optimized: disks stay open under the stun; legacy: close and reopen.")
 @click.option("--rate", type=Size(), default="0", help="Copy rate limit in bytes/s, e.g. 50M (0 = unlimited).")
-@click.option("--mirror", type=click.Choice(MIRROR_MODES), default="sync", show_default=True,
-              help="sync: mirror writes to both sides; dirty: track dirty chunks and copy them in passes.")
+@click.option("--mirror", type=click.Choice(MIRROR_MODES), default="sync", show_default=True, help=MIRROR_HELP)
 @click.option("--granularity", type=Size(minimum=MIN_GRANULARITY, maximum=MAX_GRANULARITY, power_of_two=True),
               default="64K", show_default=True, help="Dirty-map chunk size (4K to 64M).")
 @click.option("--stun-budget", type=Duration(), default="50ms", show_default=True,
               help="The switchover stun to aim for: dirty passes repeat until the rest fits.")
+@click.option("--max-throttle", type=MAX_THROTTLE, default="5ms", show_default=True, help=MAX_THROTTLE_HELP)
 @click.option("--delete-source", is_flag=True, help="Delete the source files after a successful migration "
               "(with --verify: only after a match).")
 @click.option("--verify", is_flag=True, help="After the switchover, compare each destination with its frozen source "
@@ -188,15 +203,17 @@ def agent_cmd(config_path: str) -> None:
               help="Write the full record (phases, stuns, passes, timeline samples) to this JSON file.")
 @click.pass_context
 def migrate(ctx: click.Context, vm: str, dest: str, strategy: str, rate: int, mirror: str, granularity: int,
-            stun_budget: float, delete_source: bool, verify: bool, no_wait: bool, as_json: bool,
-            report_path: str | None) -> None:
+            stun_budget: float, max_throttle: float, delete_source: bool, verify: bool, no_wait: bool,
+            as_json: bool, report_path: str | None) -> None:
     """Migrate VM's disks to the directory DEST while it runs.
 
     Partial disks a migration to DEST left when its nbdkit died are resumed: only the chunks that
-    differ from the source are copied again."""
+    differ from the source are copied again. When what remains to copy stops shrinking, the guest's
+    writes are delayed (at most --max-throttle each) until it does; a migration that would need
+    more says so once and goes on: then choose with `svmotion set` or `svmotion abort`."""
     reply = agent_call(ctx, "migrate", vm=vm, dest=dest, strategy=strategy, rate=rate,
                        mirror=mirror, granularity=granularity, stun_budget=stun_budget,
-                       delete_source=delete_source, verify=verify)
+                       max_throttle=max_throttle, delete_source=delete_source, verify=verify)
     record = reply["migration"]
     if no_wait:
         click.echo(json.dumps(record, indent=1) if as_json else
@@ -274,6 +291,35 @@ def abort(ctx: click.Context, vm: str) -> None:
     click.echo(outcome_line(record))
 
 
+@main.command("set")
+@click.argument("vm")
+@click.option("--rate", type=Size(), default=None, help="Copy rate limit in bytes/s, e.g. 50M (0 = unlimited).")
+@click.option("--mirror", type=click.Choice(MIRROR_MODES), default=None, help=MIRROR_HELP)
+@click.option("--max-throttle", type=MAX_THROTTLE, default=None, help=MAX_THROTTLE_HELP)
+@click.option("--stun-budget", type=Duration(), default=None,
+              help="The switchover stun to aim for, e.g. 50ms.")
+@click.option("--json", "as_json", is_flag=True, help="Print the changes and the migration record as JSON.")
+@click.pass_context
+def set_cmd(ctx: click.Context, vm: str, rate: int | None, mirror: str | None, max_throttle: float | None,
+            stun_budget: float | None, as_json: bool) -> None:
+    """Change VM's running migration: its mirror mode, copy rate, throttle bound or stun budget.
+
+    Every change applies at once, without a stun (a mirror mode switch in either direction too),
+    and is recorded in the migration's record and report. Refused (exit 3) when VM is not
+    migrating or has already switched to its destination."""
+    wanted = {"mirror": mirror, "rate": rate, "max_throttle": max_throttle, "stun_budget": stun_budget}
+    if all(v is None for v in wanted.values()):
+        raise click.UsageError("nothing to change; give one or more of --rate, --mirror, --max-throttle, "
+                               "--stun-budget")
+    reply = agent_call(ctx, "set", vm=vm, **{k: v for k, v in wanted.items() if v is not None})
+    if as_json:
+        click.echo(json.dumps(reply, indent=1))
+    elif not reply["changes"]:
+        click.echo(f"{vm}: nothing changed: the migration already runs with these settings")
+    for change in [] if as_json else reply["changes"]:
+        click.echo(f"{vm}: {change_line(change)}")
+
+
 @main.command("verify")
 @click.argument("vm")
 @click.option("--against", required=True, metavar="DIR",
@@ -302,7 +348,7 @@ def verify_cmd(ctx: click.Context, vm: str, against: str, granularity: int, as_j
 @guarded
 def demo(keep: bool) -> None:
     """Build a two-disk VM, migrate it under a verifying writer, print phases and stun times."""
-    from agent.demo import run_demo
+    from svlab.demo import run_demo
     sys.exit(run_demo(keep=keep))
 
 

@@ -2,7 +2,8 @@
 
 Design notes
 - The API (docs/interfaces.md, section 4) is a `ControlServer` on `[agent] socket`: ops
-  migrate, status, abort, verify, shutdown. A refusal is a `RequestError` carrying `exit`
+  migrate, status, abort, set (change a running migration: agent/phases.py `Migration.set`),
+  verify, shutdown. A refusal is a `RequestError` carrying `exit`
   (section 5), so the CLI prints the agent's one line and exits with the agent's code. Each op
   declares its arguments with `@takes` (nbd_plugin/control.py); `handle` checks them before the
   op runs, and an unknown key or a wrong type is a usage error (exit 2) that changes nothing.
@@ -54,7 +55,7 @@ from agent.export import DatastoreExport
 from agent.errors import EXIT_INTERNAL, EXIT_USAGE, ConfigError, Refused, SvmotionError
 from agent.jsonlines import JsonLinesClient, RemoteError
 from agent.phases import PHASES, Injection, Migration
-from agent.plan import OPTION_ARGS, PARTIAL_SUFFIX, MigrationOptions, parse_destination
+from agent.plan import OPTION_ARGS, PARTIAL_SUFFIX, SET_ARGS, MigrationOptions, parse_destination
 from agent.statefiles import private_dir
 from agent.supervisor import Nbdkit
 from agent.tls import TlsListener, certificates_dir, server_context, split_address
@@ -396,9 +397,9 @@ class Agent:
     def handle(self, request: dict[str, Any], conn: Connection) -> dict[str, Any]:
         op = request["op"]
         handler = {"migrate": self.op_migrate, "status": self.op_status, "abort": self.op_abort,
-                   "verify": self.op_verify, "shutdown": self.op_shutdown}.get(op)
+                   "set": self.op_set, "verify": self.op_verify, "shutdown": self.op_shutdown}.get(op)
         if handler is None:
-            raise RequestError(f"unknown op {shown(op)}: use migrate, status, abort, verify or shutdown",
+            raise RequestError(f"unknown op {shown(op)}: use migrate, status, abort, set, verify or shutdown",
                                exit=EXIT_USAGE)
         try:
             return handler(arguments(request, declared(handler), op))
@@ -505,6 +506,20 @@ class Agent:
             raise SvmotionError(f"migration {migration.id} of VM {vm.name!r} did not stop within "
                                 f"{ABORT_WAIT_S:.0f} s (phase {migration.phase}); see the agent's log")
         return {"migration": migration.to_dict(samples=False)}
+
+    @takes(vm=Arg(str), **SET_ARGS)
+    def op_set(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Change the VM's running migration: mirror mode, copy rate, throttle bound, stun budget."""
+        vm = self._vm(request)
+        wanted = {key: request[key] for key in SET_ARGS}
+        if all(v is None for v in wanted.values()):
+            raise SvmotionError(f"set: nothing to change; give one or more of {', '.join(SET_ARGS)}", EXIT_USAGE)
+        with self._lock:
+            migration = self.migrations.get(vm.name)
+        if migration is None or migration.finished:
+            raise Refused(f"VM {vm.name!r} is not migrating; nothing to set")
+        changes = migration.set(**wanted)
+        return {"migration": migration.to_dict(samples=False), "changes": changes}
 
     @takes(vm=Arg(str), against=Arg(str, check=file_path),
            granularity=Arg(int, 64 * 1024, power_of_two(MIN_GRANULARITY, MAX_GRANULARITY)))

@@ -93,6 +93,11 @@ class _AgentMetrics:
             "svmotion_predicted_switchover_stun_seconds",
             "Switchover stun predicted from the dirty bytes left and the measured copy rate.",
             ["vm"], registry=registry)
+        self.stalled = Gauge(
+            "svmotion_migration_stalled",
+            "1 while the VM's migration does not converge with the guest throttle at its bound "
+            "(the operator chooses: raise --max-throttle, switch to a sync mirror, or abort).",
+            ["vm"], registry=registry)
         self.migrations = Counter(
             "svmotion_migrations", "Migrations finished, by result.",
             ["vm", "result"], registry=registry)
@@ -162,6 +167,7 @@ def _declare_vm(vm: str) -> None:
     _m.verified_bytes.labels(vm=vm)
     _m.verify_skipped_bytes.labels(vm=vm)
     _m.passes.labels(vm=vm)
+    _m.stalled.labels(vm=vm)
 
 
 def observe_phase(vm: str, phase: str, seconds: float) -> None:
@@ -187,6 +193,11 @@ def count_pass(vm: str) -> None:
 def set_predicted_stun(vm: str, seconds: float) -> None:
     """Publish the switchover stun predicted from remaining bytes and copy rate."""
     _m.predicted_stun.labels(vm=vm).set(seconds)
+
+
+def set_stalled(vm: str, stalled: bool) -> None:
+    """Publish whether the VM's migration is stalled (agent/convergence.py)."""
+    _m.stalled.labels(vm=vm).set(1 if stalled else 0)
 
 
 def count_migration(vm: str, result: str) -> None:
@@ -260,6 +271,12 @@ def _plugin_families() -> dict[str, object]:
         "errors": CounterMetricFamily(
             "svmotion_backend_errors", "Backend IO errors, by side and op.",
             labels=vd + ["side", "op"]),
+        "throttled": CounterMetricFamily(
+            "svmotion_guest_throttle_seconds",
+            "Seconds guest writes spent delayed by the convergence throttle.", labels=vd),
+        "throttle": GaugeMetricFamily(
+            "svmotion_guest_throttle_delay_seconds",
+            "The convergence throttle's current delay before each guest write (0: none).", labels=vd),
     }
 
 
@@ -275,6 +292,9 @@ def _add_disk(families: dict, vm: str, disk: str, status: dict) -> None:
             raise ValueError(f"error key {key!r} is not 'side:op'")
     # Known side:op pairs at 0 unless reported, so the first error is a step rate() can see.
     errors = [(key.split(":"), n) for key, n in sorted({**ZERO_ERRORS, **reported}.items())]
+    # A mirror node older than the throttle (issue 12) reports neither figure.
+    throttle = ((float(status["throttled_seconds"]), float(status["throttle_seconds"]))
+                if "throttled_seconds" in status else None)
     for kind in ("bulk", "dirty"):
         families["copied"].add_metric([vm, disk, kind], float(copied[kind]))
     if "load" in copied:   # DiskLoad's copies; a mirror node older than DiskLoad has none
@@ -283,6 +303,9 @@ def _add_disk(families: dict, vm: str, disk: str, status: dict) -> None:
     families["dirtied"].add_metric([vm, disk], float(status["dirtied_bytes"]))
     families["dirty"].add_metric([vm, disk], float(status["dirty_bytes"]))
     families["latency"].add_metric([vm, disk], buckets, sum_value=float(latency["sum"]))
+    if throttle is not None:
+        families["throttled"].add_metric([vm, disk], throttle[0])
+        families["throttle"].add_metric([vm, disk], throttle[1])
     for (side, op), n in errors:
         families["errors"].add_metric([vm, disk, side, op], n)
 

@@ -32,9 +32,31 @@ Design notes
   sees the connection close and rolls back at once; if the engine hangs, the lease expires.
   Nothing proportional to the data runs under a stun: the destination is flushed before the
   switchover stun, and dirty passes run until what remains fits the stun budget.
-- Convergence: the copy rate is measured (bulk pass, then each dirty pass); a pass is repeated
-  while the dirty bytes exceed rate * stun_budget, at most `max_passes` times, then the
-  migration fails cleanly with "did not converge".
+- Convergence, for every mirror mode: the copy rate is measured (bulk pass, then each dirty
+  pass); dirty passes run (and in async mode, queued sends drain) until what remains (dirty
+  bytes plus queued async sends) fits rate * stun_budget. Every status poll of the copy phases
+  (DiskCopy's pass, CopyDirtyData's passes and waits) feeds the governor (agent/convergence.py),
+  which compares what the guest adds to what remains with what drains to the destination: when
+  what remains stops shrinking because of the guest it has the mirror node delay each guest
+  write (`mirror_set throttle`), rising only as far as needed and never beyond `max_throttle`;
+  when the guest slows down it lifts. There is no pass limit: a migration that would need more
+  than the bound is *stalled* (`convergence.stall` in the record, a warning in the log, the
+  gauge svmotion_migration_stalled, one line from `svmotion migrate` naming the choices) and
+  goes on copying at the bound until the operator raises the bound, switches the mirror to sync
+  (the guest then waits for the destination itself) or aborts, or until the guest slows down.
+- The async end-game: an async mirror turns sync (`mirror_set`, no stun) just before
+  `flush_dest`, and back to async if the switchover attempt fails. Otherwise the guest refills
+  the send queue while `flush_dest` drains it, and the switchover stun waits for the refill
+  (measured on a link at a quarter of the guest's rate: 323 and 365 ms stuns against a 50 ms
+  budget). Sync from there on, the guest's writes wait for the destination for the last moments
+  only, and whatever is still queued drains before the stun (flush_dest waits for it); a sync
+  write to a chunk with a send still queued leaves it dirty, counted in what the stun copies.
+- Runtime changes (`set`, svmotion set): the mirror mode and the copy rate go to the mirror node
+  (`mirror_set`, no stun: the plugin switches modes while the guest runs), the throttle bound to
+  the governor, the stun budget to the convergence target; each is kept in the options (so the
+  journal, and a resumed job, have them) and recorded in `changes`. `_mirror_lock` orders them
+  with the mirror's install and the switchover: before the install a change only edits the
+  options the install reads; after the switchover it is refused.
 - Journal and resume: the job describes itself (`journal()`: options, plan, what it created,
   the phase it is in, its stuns and passes so far) to `save_journal` on entering each phase and
   at the switchover; the agent keeps that in state_dir. An agent that died mid-migration builds
@@ -57,11 +79,12 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
 from agent import metrics, partial
 from agent.config import VmConfig
+from agent.convergence import MAX_BOUND_S, Decision, Governor, Sample
 from agent.destdir import DatastoreDir, DatastoreFiles, DestDir, on_other_host, remove_created
 from agent.errors import Refused, SvmotionError
 from agent.files import LOCAL_FILES, FileMirror, FileSource, FileSync, FileUnstable
@@ -88,6 +111,12 @@ STEP_POINTS = ("CopyDirtyData.stunned", "CopyDirtyData.switched", "CopyDirtyData
                "DiskCopyDone.renamed", "Cleanup.finished", "Cleanup.done")
 # Until a pass has been measured, assume this copy rate (bytes/s) for the stun budget.
 DEFAULT_RATE_GUESS = 200 * 2**20
+# Pass records kept one by one; later dirty passes are summed into the last record (`count`), so
+# that a long stalled migration keeps a record (and a journal) of bounded size.
+MAX_PASS_RECORDS = 100
+MAX_THROTTLE_EVENTS = 200
+# Phases whose status polls feed the governor (their mirrors are installed, not switched yet).
+GOVERNED_PHASES = ("DiskCopy", "CopyDirtyInfo", "CopyDirtyData")
 
 
 class Aborted(Exception):
@@ -189,7 +218,16 @@ class Migration:
         self._samples_lock = threading.Lock()             # protects samples and last_status
         self._thread: threading.Thread | None = None
         self._save_journal = save_journal
+        self._journal_lock = threading.Lock()             # the engine and `set` both save it
         self._resume_at = "Null"                          # the first phase run() walks
+        self.changes: list[dict[str, Any]] = []           # `set` requests applied (module notes)
+        self.throttle_events: list[dict[str, Any]] = []   # the governor's changes of the throttle
+        self.stall: str | None = None                     # why the migration does not converge, while so
+        self._governor = Governor(options.max_throttle)
+        self._throttle_applied: float | None = 0.0        # what the mirror node has (None: unknown)
+        self._convergence: dict[str, Any] = {}            # the governor's last view, for the record
+        self._mirror_lock = threading.Lock()              # orders `set` with install, governor, switchover
+        self._mirrors_installed = False
 
     # ---- public surface (called from the agent's API threads) ----------------------------------
 
@@ -209,25 +247,31 @@ class Migration:
                 "plan": [asdict(d) for d in self.plan], "files": self.files, "created": self._to_remove(),
                 "new_paths": self.planned_paths(), "phases": self.phases, "stuns": self.stuns,
                 "passes": self.passes, "steps": self.steps, "warnings": self.warnings,
-                "copy_rate_bps": self.copy_rate_bps, "node": self._node, "verify": self.verification}
+                "copy_rate_bps": self.copy_rate_bps, "node": self._node, "verify": self.verification,
+                "changes": self.changes, "throttle_events": self.throttle_events}
 
     @classmethod
     def from_journal(cls, vm: VmConfig, connect: Callable[[], JsonLinesClient], journal: dict[str, Any],
                      resume_at: str, dest: DestDir, **kwargs: Any) -> "Migration":
         """The job a dead agent was running, to go on at phase `resume_at`."""
-        m = cls(vm, connect, {}, MigrationOptions(**journal["options"]), dest, **kwargs)
+        # Options a newer agent dropped (max_passes, before the governor) are ignored.
+        known = {f.name for f in fields(MigrationOptions)}
+        options = MigrationOptions(**{k: v for k, v in journal["options"].items() if k in known})
+        m = cls(vm, connect, {}, options, dest, **kwargs)
         m.id, m.started, m._copied_base = journal["id"], journal["started"], journal["copied_base"]
         m.plan = [DiskPlan(**{**d, "sidecars": [tuple(s) for s in d["sidecars"]],
                               "resume": partial.Identity(**d["resume"]) if d.get("resume") else None})
                   for d in journal["plan"]]
         m.files = [tuple(f) for f in journal["files"]]
         m._created = list(journal["created"])
-        for key in ("phases", "stuns", "passes", "steps", "warnings"):
+        for key in ("phases", "stuns", "passes", "steps", "warnings", "changes", "throttle_events"):
             setattr(m, key, list(journal.get(key) or []))
         m.copy_rate_bps = journal.get("copy_rate_bps")
         m._node = tuple(journal["node"]) if journal.get("node") else None
         m.verification = journal.get("verify")
         m._switched = resume_at in PHASES[PHASES.index("DiskCopyDone"):]
+        m._mirrors_installed = resume_at in GOVERNED_PHASES
+        m._throttle_applied = None      # the dead agent's governor may have left one: set it again
         m._resume_at = resume_at
         m.warnings.append(f"resumed at {resume_at} by a restarted agent (it stopped in {journal['phase']})")
         return m
@@ -288,10 +332,71 @@ class Migration:
             "progress": progress_of(status, self.plan, self._copied_base),
             "verify": self.verification, "kept_partials": list(self.kept_partials),
             "left_partials": list(self.left_partials),
+            "changes": list(self.changes), "convergence": self.convergence_record(),
         }
         if sample_list is not None:
             out["samples"] = sample_list
         return out
+
+    def convergence_record(self) -> dict[str, Any]:
+        """The governor's view for the record: throttle, stall, rates, predictions (module notes)."""
+        view = self._convergence
+        converge = view.get("predicted_converge_seconds")
+        finish = None
+        if converge is not None:
+            finish = converge + self.options.stun_budget + (self._verify_estimate() if self.options.verify else 0.0)
+        return {"throttle_seconds": view.get("throttle_seconds", 0.0), "max_throttle": self.options.max_throttle,
+                "stalled": self.stall is not None, "stall": self.stall,
+                "dirtying_bps": view.get("dirtying_bps"), "dest_bps": view.get("dest_bps"),
+                "remaining_bytes": view.get("remaining_bytes"), "target_bytes": view.get("target_bytes"),
+                "predicted_converge_seconds": converge, "predicted_finish_seconds": finish,
+                "throttle_events": list(self.throttle_events)}
+
+    def set(self, mirror: str | None = None, rate: int | None = None, max_throttle: float | None = None,
+            stun_budget: float | None = None) -> list[dict[str, Any]]:
+        """Change the running migration (`svmotion set`); return the changes made (module notes).
+
+        Raise Refused after the switchover or when the mirror node refuses (nothing changed then)."""
+        asked = {"mirror": mirror, "rate": rate, "max_throttle": max_throttle, "stun_budget": stun_budget}
+        with self._mirror_lock:
+            if self.finished:
+                raise Refused(f"VM {self.vm.name!r} is no longer migrating; nothing to set")
+            if self._switched:
+                raise Refused(f"VM {self.vm.name!r} has already switched to its destination; nothing left to set")
+            new = {k: v for k, v in asked.items() if v is not None and v != getattr(self.options, k)}
+            plugin: dict[str, Any] = {}
+            if "mirror" in new:
+                plugin["mode"] = new["mirror"]
+            if "rate" in new:
+                plugin["rate"] = new["rate"]
+            if "max_throttle" in new:
+                self._governor.set_bound(new["max_throttle"])
+                if self._throttle_applied is not None and self._throttle_applied > self._governor.throttle:
+                    plugin["throttle"] = self._governor.throttle
+            applied = "mirror node" if plugin and self._mirrors_installed else "options"
+            if plugin and self._mirrors_installed:
+                try:
+                    with self._connect() as ctl:
+                        ctl.call("mirror_set", **plugin)
+                except RemoteError as err:
+                    raise Refused(f"the mirror node of VM {self.vm.name!r} refused the change: {err}") from None
+                if "throttle" in plugin:
+                    self._throttle_applied = plugin["throttle"]
+                    self._note_throttle(Decision(plugin["throttle"], "cut to the new bound (svmotion set)"))
+            made = [{"t": time.time(), "phase": self.phase, "what": key, "from": getattr(self.options, key),
+                     "to": value, "applied": applied if key in ("mirror", "rate") else "agent"}
+                    for key, value in new.items()]
+            for key, value in new.items():
+                setattr(self.options, key, value)
+            if "max_throttle" in new and self.stall is not None and not self._governor.stalled:
+                self._note_stall(False)
+            self.changes += made
+        for change in made:
+            log.info("vm %s: set %s %s -> %s in %s (%s)", self.vm.name, change["what"], change["from"],
+                     change["to"], change["phase"], change["applied"])
+        if made:
+            self._journal()
+        return made
 
     # ---- the job -------------------------------------------------------------------------------
 
@@ -338,7 +443,9 @@ class Migration:
         for place in [self.dest, *self._sources.values()]:
             place.close()
         self.state, self.error, self.ended = result, error, time.time()
+        self._convergence = {}
         metrics.set_phase(self.vm.name, None)
+        metrics.set_stalled(self.vm.name, False)
         metrics.count_migration(self.vm.name, result)
         log.info("vm %s: migration %s %s%s", self.vm.name, self.id, result, f": {error}" if error else "")
         if self._ctl is not None:
@@ -383,7 +490,8 @@ class Migration:
 
     def _journal(self) -> None:
         if self._save_journal is not None:
-            self._save_journal(self.journal())
+            with self._journal_lock:
+                self._save_journal(self.journal())
 
     def _call(self, op: str, **args: Any) -> dict[str, Any]:
         assert self._ctl is not None
@@ -461,13 +569,15 @@ class Migration:
         # stun: the file mirror (copied at FileCreate) re-checks them at the switchover stun.
 
     def _phase_Unstun(self) -> None:
-        for disk in self.plan:
-            spec = {disk.name: self._mirror_spec(disk)}
-            self._step(f"install_mirror {disk.name}",
-                       lambda s=spec: self._call("install_mirror", stun_id=self._stun_id, disks=s))
-            # Per-disk files open after the mirror of their disk is installed (seed: diskOpen()).
-            if disk.sidecars:
-                self._sync_files("files_copy", [source for source, _ in disk.sidecars])
+        with self._mirror_lock:     # a `set` of the mode waits: the install reads it (module notes)
+            for disk in self.plan:
+                spec = {disk.name: self._mirror_spec(disk)}
+                self._step(f"install_mirror {disk.name}",
+                           lambda s=spec: self._call("install_mirror", stun_id=self._stun_id, disks=s))
+                # Per-disk files open after the mirror of their disk is installed (seed: diskOpen()).
+                if disk.sidecars:
+                    self._sync_files("files_copy", [source for source, _ in disk.sidecars])
+            self._mirrors_installed = True
         self._release_stun("mirror_install")
 
     def _phase_DiskCopy(self) -> None:
@@ -487,18 +597,30 @@ class Migration:
     def _phase_CopyDirtyData(self) -> None:
         for attempt in range(1, SWITCHOVER_ATTEMPTS + 1):
             self._converge()
+            endgame = self._endgame("sync")
             self._step("flush_dest", lambda: self._call("flush_dest"))
-            remaining = total_dirty(self._status())
+            remaining = remaining_bytes(self._status())
             self.predicted_switchover_stun_s = remaining / self._rate()
             metrics.set_predicted_stun(self.vm.name, self.predicted_switchover_stun_s)
             if self._switchover():
                 return
+            if endgame:
+                self._endgame("async")
             log.warning("vm %s: switchover attempt %d failed (%s); copying more first",
                         self.vm.name, attempt, self.warnings[-1])
         # The last warning is the last attempt's reason: the lease, or a file that kept changing.
         raise MigrationFailed(f"switchover did not succeed in {SWITCHOVER_ATTEMPTS} attempts (last: "
                               f"{self.warnings[-1].removeprefix('switchover: ')}); lower the guest write "
                               f"rate or raise the lease")
+
+    def _endgame(self, mode: str) -> bool:
+        """Turn an async mirror sync for the switchover's approach, or back (module notes); whether
+        the mode changed. A `set --mirror` since then wins: only an async choice is touched."""
+        with self._mirror_lock:
+            if self.options.mirror != "async":
+                return False
+            self._step(f"mirror {mode} (async end-game)", lambda: self._call("mirror_set", mode=mode))
+        return True
 
     def _phase_DiskCopyDone(self) -> None:
         # The destination is authoritative: give every object its final name. The file mirror
@@ -709,7 +831,57 @@ class Migration:
     def _status(self) -> dict[str, Any]:
         status = self._call("status")
         self._remember(status)
+        if self._mirrors_installed and not self._switched and self.phase in GOVERNED_PHASES:
+            self._govern(status)
         return status
+
+    def _govern(self, status: dict[str, Any]) -> None:
+        """Feed the governor a status poll; apply its throttle; report a stall (module notes)."""
+        remaining = remaining_bytes(status)
+        sample = Sample(time.monotonic(), remaining, pending_bytes(status),
+                        counter_total(status, "dest_written_bytes"), counter_total(status, "dirtied_bytes"),
+                        int(self._budget_bytes()))
+        with self._mirror_lock:
+            decision = self._governor.observe(sample)
+            if decision.throttle != self._throttle_applied:
+                self._call("mirror_set", throttle=decision.throttle)
+                self._throttle_applied = decision.throttle
+                self._note_throttle(decision)
+            if decision.stalled != (self.stall is not None):
+                self._note_stall(decision.stalled)
+        rates = self._governor.average_rates()
+        self._convergence = {"throttle_seconds": decision.throttle, "remaining_bytes": remaining,
+                             "target_bytes": sample.target, "dirtying_bps": rates.added if rates else None,
+                             "dest_bps": rates.dest if rates else None,
+                             "predicted_converge_seconds": self._governor.converge_seconds()}
+
+    def _note_throttle(self, decision: Decision) -> None:
+        event = {"t": time.time(), "phase": self.phase, "throttle_seconds": decision.throttle,
+                 "reason": decision.reason or "resumed"}
+        if len(self.throttle_events) < MAX_THROTTLE_EVENTS:
+            self.throttle_events.append(event)
+        log.info("vm %s: guest throttle %.3f ms (%s)", self.vm.name, decision.throttle * 1000, event["reason"])
+
+    def _note_stall(self, stalled: bool) -> None:
+        """Say once that the migration does not converge within the bound, and once that it does again."""
+        metrics.set_stalled(self.vm.name, stalled)
+        if not stalled:
+            self.stall = None
+            log.info("vm %s: converging again", self.vm.name)
+            return
+        rates = self._governor.rates
+        added, dest = (rates.added, rates.dest) if rates else (0.0, 0.0)
+        bound = self.options.max_throttle
+        higher = min(MAX_BOUND_S, max(2 * bound, 0.005))
+        self.stall = (f"not converging: the guest adds {human_bytes(added)}/s to what remains, the destination "
+                      f"takes {human_bytes(dest)}/s, and the guest throttle is at its bound ({bound * 1000:g} ms); "
+                      f"the migration goes on: raise the bound (`svmotion set {self.vm.name} --max-throttle "
+                      f"{higher * 1000:g}ms`), switch to a sync mirror (`svmotion set {self.vm.name} --mirror "
+                      f"sync`) or abort (`svmotion abort {self.vm.name}`)")
+        log.warning("vm %s: %s", self.vm.name, self.stall)
+        if len(self.throttle_events) < MAX_THROTTLE_EVENTS:
+            self.throttle_events.append({"t": time.time(), "phase": self.phase,
+                                         "throttle_seconds": self._governor.throttle, "reason": "stalled"})
 
     def _copy_pass(self, kind: str, per_disk: dict[str, str] | None = None) -> dict[str, Any]:
         """Run one copier pass over every mirroring disk and wait for it (a cancel point).
@@ -743,12 +915,27 @@ class Migration:
                   "dirty_before": dirty_before, "dirty_after": total_dirty(status), "errors": errors}
         if kind == "load":
             result["compared_bytes"] = compared
-        self.passes.append(result)
-        log.info("vm %s: %s pass %d: %s in %.3f s, %s dirty remain%s", self.vm.name, kind, result["n"],
+        # Passes summed into the last record are logged at debug level: a stall may run many.
+        level = logging.INFO if self._record_pass(result) else logging.DEBUG
+        log.log(level, "vm %s: %s pass %d: %s in %.3f s, %s dirty remain%s", self.vm.name, kind, result["n"],
                  human_bytes(done), seconds, human_bytes(result["dirty_after"]),
                  f", errors: {'; '.join(errors)}" if errors else "")
         refuse_broken_mirrors(status)
         return result
+
+    def _record_pass(self, result: dict[str, Any]) -> bool:
+        """Append a pass record (True); past MAX_PASS_RECORDS, sum a dirty pass into the last one."""
+        last = self.passes[-1] if self.passes else None
+        if len(self.passes) < MAX_PASS_RECORDS or result["kind"] != "dirty" or last is None \
+                or last["kind"] != "dirty":
+            self.passes.append(result)
+            return True
+        last["count"] = last.get("count", 1) + 1
+        last["bytes"] += result["bytes"]
+        last["seconds"] += result["seconds"]
+        last["dirty_after"] = result["dirty_after"]
+        last["errors"] = sorted(set(last["errors"]) | set(result["errors"]))
+        return False
 
     def _measure_rate(self, result: dict[str, Any]) -> None:
         # Small passes measure latency, not bandwidth: only trust passes of some size.
@@ -760,32 +947,34 @@ class Migration:
             return self.copy_rate_bps
         return float(self.options.rate) if self.options.rate else float(DEFAULT_RATE_GUESS)
 
+    def _budget_bytes(self) -> float:
+        """What may remain for the switchover stun: the stun budget at the measured copy rate."""
+        return self._rate() * self.options.stun_budget
+
+    def _verify_estimate(self) -> float:
+        """Seconds `--verify` may take: both sides of every disk read once, at about the copy rate."""
+        return sum(d.size for d in self.plan) / self._rate()
+
     def _converge(self) -> None:
-        """Dirty passes until what remains fits the stun budget at the measured copy rate."""
-        for _ in range(self.options.max_passes):
+        """Dirty passes (and waits for queued async sends) until what remains fits the stun budget.
+
+        No pass limit: the governor throttles the guest so that it converges, and says when it
+        cannot within its bound (module notes); an abort or `set` is the operator's answer."""
+        while True:
             self._checkpoint()
             status = self._status()
             refuse_broken_mirrors(status)
-            dirty = total_dirty(status)
-            budget = self._rate() * self.options.stun_budget
-            if dirty <= budget:
+            if remaining_bytes(status) <= self._budget_bytes():
                 return
+            if total_dirty(status) == 0:
+                time.sleep(POLL_INTERVAL_S)      # only async sends queued: they drain by themselves
+                continue
             result = self._copy_pass("dirty")
             metrics.count_pass(self.vm.name)
             self._measure_rate(result)
             if result["errors"] and result["dirty_after"] >= result["dirty_before"]:
                 raise MigrationFailed(f"copy to the destination failed: {result['errors'][0]}; "
                                       f"check the destination's space and health")
-        dirty = total_dirty(self._status())
-        budget = self._rate() * self.options.stun_budget
-        if dirty > budget:
-            errors = self.passes[-1]["errors"] if self.passes else []
-            cause = f" (last copy error: {errors[0]})" if errors else ""
-            raise MigrationFailed(
-                f"did not converge after {self.options.max_passes} dirty passes: {human_bytes(dirty)} dirty "
-                f"remain, the {self.options.stun_budget * 1000:.0f} ms stun budget allows {human_bytes(budget)} "
-                f"at {human_bytes(self._rate())}/s{cause}; lower the guest write rate, raise --rate "
-                f"or --stun-budget")
 
     def _switchover(self) -> bool:
         """The switchover stun; False when the plugin could not finish inside the lease or a file kept
@@ -800,8 +989,11 @@ class Migration:
             # The cut (agent/files.py): the files equal the source's now, or no switchover. A file
             # that is gone raises FileMirrorError and the rollback aborts under this stun.
             self._sync_files("files_cut").raise_if_unstable()
-            done = self._call("switchover", stun_id=self._stun_id,
-                              reopen=self.options.strategy == "legacy")
+            with self._mirror_lock:      # no `set` from here on: the mirror is gone
+                done = self._call("switchover", stun_id=self._stun_id,
+                                  reopen=self.options.strategy == "legacy")
+                self._switched = True
+                self._convergence = {}       # nothing left to converge: no throttle, no prediction
         except (RemoteError, FileUnstable) as err:
             self.warnings.append(f"switchover: {err}")
             try:
@@ -811,7 +1003,6 @@ class Migration:
                 log.warning("vm %s: unstun after a failed switchover: %s", self.vm.name, unstun_err)
                 self._stun_id = None
             return False
-        self._switched = True
         self._inject_at("CopyDirtyData.switched")
         record = self._release_stun("switchover")
         record["final_bytes"] = done.get("final_bytes")
@@ -873,6 +1064,21 @@ def refuse_broken_mirrors(status: dict[str, Any]) -> None:
 
 def total_dirty(status: dict[str, Any]) -> int:
     return sum(int(d["dirty_bytes"]) for d in status["disks"].values())
+
+
+def remaining_bytes(status: dict[str, Any]) -> int:
+    """What the destinations still lack: dirty bytes and async sends still queued (docs/interfaces.md
+    section 2, DiskStatus `async`): all of it must be there before or under the switchover stun."""
+    return total_dirty(status) + pending_bytes(status)
+
+
+def pending_bytes(status: dict[str, Any]) -> int:
+    return sum(int((d.get("async") or {}).get("pending_bytes") or 0) for d in status["disks"].values())
+
+
+def counter_total(status: dict[str, Any], key: str) -> int:
+    """A cumulative DiskStatus counter summed over the disks."""
+    return sum(int(d.get(key) or 0) for d in status["disks"].values())
 
 
 def copied_total(status: dict[str, Any]) -> int:

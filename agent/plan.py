@@ -23,9 +23,10 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from agent.config import DEFAULT_AGENT_PORT, VmConfig
+from agent.convergence import MAX_BOUND_S
 from agent.errors import EXIT_USAGE, Refused, SvmotionError
 from agent.partial import Identity, judge_reuse
 from agent.remote import parse_name
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
     from agent.destdir import DestDir
 
 STRATEGIES = ("optimized", "legacy")
+# sync: the guest's write is acknowledged once both sides have it; async: once the source has it,
+# the destination gets it in the background; dirty: the source only, copy passes carry it.
 MIRROR_MODES = ("sync", "async", "dirty")
 PARTIAL_SUFFIX = ".svmotion-partial"
 
@@ -120,8 +123,8 @@ class MigrationOptions:
     granularity: int = 64 * 1024
     stun_budget: float = 0.05        # seconds the switchover stun may take
     delete_source: bool = False
-    max_passes: int = 10
     verify: bool = False             # compare both sides by digests after the switchover
+    max_throttle: float = 0.005      # seconds: the most a guest write may be delayed to converge
 
     @classmethod
     def from_request(cls, req: dict[str, Any]) -> "MigrationOptions":
@@ -131,7 +134,8 @@ class MigrationOptions:
             args = arguments(options, OPTION_ARGS, "migrate", keep=())
         except ArgumentError as err:
             raise SvmotionError(str(err), EXIT_USAGE) from None
-        return cls(**dict(args, stun_budget=float(args["stun_budget"])))
+        return cls(**{**args, "stun_budget": float(args["stun_budget"]),
+                      "max_throttle": float(args["max_throttle"])})
 
     @property
     def destination(self) -> Destination:
@@ -147,6 +151,20 @@ def destination(dest: str) -> str | None:
     return file_path(dest)
 
 
+def or_null(check: Callable[[Any], str | None] | None) -> Callable[[Any], str | None]:
+    """A check that lets null (unchanged) through."""
+    return lambda v: None if v is None or check is None else check(v)
+
+
+def check_stun_budget(seconds: float) -> str | None:
+    return None if 0 < seconds <= 10 else "seconds in (0, 10], e.g. 0.05"
+
+
+def check_max_throttle(seconds: float) -> str | None:
+    """The bound of the guest throttle (agent/convergence.py); 0 never delays the guest."""
+    return None if 0 <= seconds <= MAX_BOUND_S else f"seconds from 0 to {MAX_BOUND_S:g}, e.g. 0.005"
+
+
 # The `migrate` options of the agent API (docs/interfaces.md, section 4), defaults from MigrationOptions.
 OPTION_ARGS = {
     "dest": Arg(str, check=destination),
@@ -154,12 +172,15 @@ OPTION_ARGS = {
     "rate": Arg(int, MigrationOptions.rate, within(0, 1 << 50)),
     "mirror": Arg(str, MigrationOptions.mirror, one_of(*MIRROR_MODES)),
     "granularity": Arg(int, MigrationOptions.granularity, power_of_two(MIN_GRANULARITY, MAX_GRANULARITY)),
-    "stun_budget": Arg(float, MigrationOptions.stun_budget,
-                       lambda v: None if 0 < v <= 10 else "seconds in (0, 10], e.g. 0.05"),
+    "stun_budget": Arg(float, MigrationOptions.stun_budget, check_stun_budget),
     "delete_source": Arg(bool, MigrationOptions.delete_source),
-    "max_passes": Arg(int, MigrationOptions.max_passes, within(1, 1000)),
     "verify": Arg(bool, MigrationOptions.verify),
+    "max_throttle": Arg(float, MigrationOptions.max_throttle, check_max_throttle),
 }
+
+# What `svmotion set` may change on a running migration (daemon.py op `set`): null = unchanged.
+SET_ARGS = {key: Arg((OPTION_ARGS[key].kinds, type(None)), None, or_null(OPTION_ARGS[key].check))
+            for key in ("mirror", "rate", "max_throttle", "stun_budget")}
 
 
 @dataclass

@@ -7,6 +7,10 @@ Design notes
   or a file (CI logs, `| tee`) a plain line is written on every phase change and every few
   seconds, so logs stay readable and short.
 - Progress goes to stderr: stdout is reserved for the result (and `--json`).
+- While the copy phases run, the line shows the guest throttle (when one is applied) and the
+  predicted time to converge and to finish (agent/convergence.py), or "—" when it cannot be
+  predicted (what remains does not shrink). A stalled migration gets one line of its own, once
+  per stall, naming the operator's choices; the bar goes on below it.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import Any, TextIO
 
 from agent.phases import PHASES
 from agent.plan import human_bytes
+from agent.report import change_line, throttle_summary
 from agent.verify import verify_line
 
 BAR_WIDTH = 28
@@ -30,11 +35,35 @@ def render_line(record: dict[str, Any], tty: bool) -> str:
     fraction = done_fraction(record.get("phase", "Null"), total, dirty, p.get("mirroring", True))
     rate = float(p.get("rate_bps") or 0)
     text = (f"{fraction * 100:5.1f}% {human_bytes(copied)}/{human_bytes(total)} "
-            f"{human_bytes(rate)}/s dirty {human_bytes(dirty)}  {record.get('phase', '?')}")
+            f"{human_bytes(rate)}/s dirty {human_bytes(dirty)}{convergence_text(record)}  "
+            f"{record.get('phase', '?')}")
     if not tty:
         return f"{record.get('vm', '?')}: {text}"
     filled = int(fraction * BAR_WIDTH)
     return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {text}"
+
+
+def convergence_text(record: dict[str, Any]) -> str:
+    """' throttle 1.6 ms, converge in 12s, finish in 14s' while governed; '' before the copy phases."""
+    view = record.get("convergence") or {}
+    if view.get("remaining_bytes") is None or record.get("state", "running") != "running":
+        return ""
+    throttle = float(view.get("throttle_seconds") or 0)
+    text = f" throttle {throttle * 1000:.1f} ms," if throttle else ""
+    return (f"{text} converge in {eta(view.get('predicted_converge_seconds'))}, finish in "
+            f"{eta(view.get('predicted_finish_seconds'))}")
+
+
+def eta(seconds: float | None) -> str:
+    """A predicted duration: 42s, 3m05s, 1h02m; "—" when unknown."""
+    if seconds is None:
+        return "—"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def done_fraction(phase: str, total: int, dirty: int, mirroring: bool = True) -> float:
@@ -57,8 +86,10 @@ class Progress:
         self._last_phase: str | None = None
         self._last_plain = 0.0
         self._drawn = False
+        self._stall_shown = False
 
     def update(self, record: dict[str, Any]) -> None:
+        self._say_stall(record)
         line = render_line(record, self.tty)
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
@@ -70,6 +101,15 @@ class Progress:
                 self._last_plain = now
         self._last_phase = record.get("phase")
         self.stream.flush()
+
+    def _say_stall(self, record: dict[str, Any]) -> None:
+        """One line when the migration stalls (agent/phases.py `stall`), again only after it recovered."""
+        stall = (record.get("convergence") or {}).get("stall")
+        if stall and not self._stall_shown:
+            if self.tty and self._drawn:
+                self.stream.write("\r\x1b[K")
+            self.stream.write(f"svmotion: warning: {record.get('vm', '?')}: {stall}\n")
+        self._stall_shown = bool(stall)
 
     def close(self) -> None:
         if self.tty and self._drawn:
@@ -87,12 +127,17 @@ def phase_table(record: dict[str, Any]) -> str:
                      f"(guest max wait {stun.get('max_wait_seconds', 0) * 1000:.2f} ms, "
                      f"{stun.get('held_requests', 0)} held requests, {stun.get('outcome', '?')})")
     passes = [p for p in record.get("passes", []) if p.get("kind") == "dirty"]
+    dirty_passes = sum(p.get("count", 1) for p in passes)
     bulk = sum(p["bytes"] for p in record.get("passes", []) if p.get("kind") == "bulk")
     loads = [p for p in record.get("passes", []) if p.get("kind") == "load"]
     first = (f"{human_bytes(sum(p['bytes'] for p in loads))} load (of "
              f"{human_bytes(sum(p.get('compared_bytes', 0) for p in loads))} compared)" if loads
              else f"{human_bytes(bulk)} bulk")
-    lines.append(f"copied {first}, {human_bytes(sum(p['bytes'] for p in passes))} in {len(passes)} dirty passes")
+    lines.append(f"copied {first}, {human_bytes(sum(p['bytes'] for p in passes))} in {dirty_passes} dirty passes")
+    lines += [f"set {change_line(c)}" for c in record.get("changes") or []]
+    throttle = throttle_summary(record)
+    if throttle:
+        lines.append(throttle)
     if record.get("verify"):
         lines.append(verify_line(record["verify"]))
     return "\n".join(lines)

@@ -9,6 +9,8 @@ Design notes
       {vm, state, error, options: {strategy, mirror, ...},
        passes:  [{kind (bulk, load, dirty), bytes, compared_bytes (load)}],
        verify:  null or {result, first_mismatch, verified_bytes, skipped_bytes, ...},
+       changes: [{t, phase, what, from, to, applied}]          # `svmotion set` (optional)
+       convergence: {throttle_events: [{throttle_seconds, reason, ...}], ...}   # (optional)
        phases:  [{name, started (unix s), seconds}],
        stuns:   [{kind, started (unix s), duration_seconds, max_wait_seconds, ...}],
        started (unix s),
@@ -29,6 +31,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from agent.plan import human_bytes
 from agent.verify import verify_line
 
 SAMPLE_KEYS = ("t", "phase", "dirty_bytes", "copied_bytes", "guest_written_bytes")
@@ -121,6 +124,10 @@ def summary(record: dict[str, Any]) -> str:
         if p.get("kind") == "load":
             lines.append(f"  load pass: {float(p.get('compared_bytes') or 0) / MIB:.1f} MiB compared, "
                          f"{float(p.get('bytes') or 0) / MIB:.1f} MiB copied (resumed partial disks)")
+    lines += [f"  set {change_line(c)}" for c in record.get("changes") or []]
+    throttle = throttle_summary(record)
+    if throttle:
+        lines.append(f"  {throttle}")
     if record.get("verify"):
         lines.append(f"  {verify_line(record['verify'])}")
     last = record["samples"][-1]
@@ -128,6 +135,32 @@ def summary(record: dict[str, Any]) -> str:
                  f"{float(last['guest_written_bytes']) / MIB:.1f} MiB, "
                  f"{len(record['samples'])} samples over {float(last['t']):.1f} s")
     return "\n".join(lines)
+
+
+def change_line(change: dict[str, Any]) -> str:
+    """One `svmotion set` change: what, from, to, when, how it was applied."""
+    def shown(value: Any) -> str:
+        if change["what"] == "rate":
+            return f"{human_bytes(value)}/s" if value else "unlimited"
+        if change["what"] in ("max_throttle", "stun_budget"):
+            return f"{value * 1000:g} ms"
+        return str(value)
+    how = {"mirror node": "by the mirror node, no stun", "options": "before the mirror was installed",
+           "agent": "by the agent"}.get(change.get("applied"), change.get("applied"))
+    return (f"{change['what']} {shown(change['from'])} -> {shown(change['to'])} in {change.get('phase', '?')} "
+            f"({how})")
+
+
+def throttle_summary(record: dict[str, Any]) -> str:
+    """How far the guest throttle went and how often the migration stalled ('' if neither happened)."""
+    events = (record.get("convergence") or {}).get("throttle_events") or []
+    stalls = sum(1 for e in events if e.get("reason") == "stalled")
+    steps = len(events) - stalls
+    if not events:
+        return ""
+    top = max(e["throttle_seconds"] for e in events)
+    return (f"guest throttle: up to {top * 1000:.2f} ms per write, {steps} changes"
+            f"{f', stalled {stalls} times' if stalls else ''}")
 
 
 def render_png(record: dict[str, Any], out: str | Path) -> Path:

@@ -9,7 +9,7 @@ Design notes
   guest is the open-loop writer (loadgen.py), repetitions are interleaved where two systems
   are compared, every server is started and stopped by PID, every case works in its own
   directory.
-- remote_shaped puts the two hosts in network namespaces joined by a veth (agent/netns.py) and
+- remote_shaped puts the two hosts in network namespaces joined by a veth (svlab/netns.py) and
   shapes host a's sending side with TBF: the copy's data flows a -> b, so the shaping limits
   the migration, and the way back (b -> a, untimed) is not shaped.
 - Every timed migration starts from the same situation. The switchover case (and the anchor)
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from agent.jsonlines import RemoteError
-from agent.netns import Host, Lab
+from svlab.netns import Host, Lab
 
 from . import images, procs, tools
 from .cases import (LOAD_RATE, Context, install_wait, many_disks_command, size_label, stun_window_wait,
@@ -482,7 +482,7 @@ def case_remote_shaped(ctx: Context) -> Case:
     with remote_site(ctx, case, "remote_shaped") as (work, pki), Lab("svmbench") as lab, \
             tls_export(work, pki, "datastore-b", host=lab["b"]) as export:
         a = lab["a"]
-        case.command(f"(agent/netns.py) Lab('svmbench', ('a', 'b')): hosts a {a.address}, "
+        case.command(f"(svlab/netns.py) Lab('svmbench', ('a', 'b')): hosts a {a.address}, "
                      f"b {lab['b'].address}, one veth; host b: " + export.service.command)
         for size in cfg.shaped_sizes:
             disk = images.make_dense(os.path.join(work, "disk0.raw"), size)

@@ -5,7 +5,7 @@ Design notes
   export is nbdkit's `file` plugin serving every file there by name, TLS required and the
   client's certificate verified, exactly the command line agent/export.py runs for a host's
   datastores (procs.nbdkit_tls_export). Or it is host "b" of a lab of network namespaces
-  (agent/netns.py), when a case needs a link between the hosts that it can shape; processes
+  (svlab/netns.py), when a case needs a link between the hosts that it can shape; processes
   started while the calling thread is on a lab host (`Host.entered`) run there. The harness creates and deletes the files behind the
   exports directly (DiskCreate and Cleanup of the other host's agent do the same to its
   datastore); only the data goes over NBD.
@@ -29,7 +29,7 @@ from typing import Iterator
 import nbd
 
 from agent.certs import init as tls_init, parse_host
-from agent.netns import Host, host_address
+from svlab.netns import Host, host_address
 from nbd_plugin.backend_nbd import NbdBackend, NbdOptions
 
 from . import procs

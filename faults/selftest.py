@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.writer import BLOCK, PATTERN, block_pattern, patch_image
+from svlab.writer import BLOCK, PATTERN, block_pattern, patch_image
 from faults.fio import FioWorkload
 from faults.params import MiB, draw
 from faults.resources import Resources

@@ -40,7 +40,7 @@ from typing import Any
 import nbd
 
 from agent.supervisor import process_start_time
-from agent.writer import PATTERN, VerifyingWriter, WriterReport, file_digest, fill_pattern_image
+from svlab.writer import PATTERN, VerifyingWriter, WriterReport, file_digest, fill_pattern_image
 from faults import checks
 from faults.checks import Check, World
 from faults.dest import Destination, NotApplicable, failing_ext4, plain, small_tmpfs

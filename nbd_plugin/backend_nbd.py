@@ -14,7 +14,14 @@ Design notes
   on one link (`Channel`), so guest writes find the others idle.
 - Deadlines. Every request has one: `timeout` seconds after it was issued (the destination's
   short deadline, well under the stun lease, or the longer one of a disk the guest is served
-  from). The reactor sleeps until the earliest deadline; when one passes, it kills the link:
+  from), pushed on while the server makes progress: a request is late only when its deadline has
+  passed AND nothing completed on any link of its backend for as long as its timeout (the links
+  lead to one server, which may serve one connection's queue before another's). A slow destination (a
+  thin link, a rate-limited server) answers late but steadily, and its queue of requests may be
+  longer than a deadline (the copier's pipeline, the async mirror's sends): that is not a dead
+  link. One that stops answering completes nothing, so its requests are late at their own
+  deadlines, as before. A `hard` deadline (the switchover's cap under its stun) is not pushed.
+  The reactor sleeps until the earliest deadline; when one passes, it kills the link:
   shutdown(2) of the socket (libnbd keeps its fd, so it cannot be reused under anyone's poll),
   every request on the link completes with ETIMEDOUT, the link is dropped, and so are the other
   links of the backend, which lead to the same host. The next request opens a new link. Opening
@@ -87,15 +94,30 @@ class NbdOptions:
 
 
 class Request:
-    """One command in flight on a link: by when it must complete, and whom to tell."""
+    """One command in flight on a link: by when it must complete (see the notes: pushed on while
+    the link makes progress, unless `hard`), and whom to tell."""
 
-    __slots__ = ("nbytes", "deadline", "done", "finished")
+    __slots__ = ("nbytes", "deadline", "patience", "done", "finished")
 
-    def __init__(self, nbytes: int, deadline: float, done: Done):
+    def __init__(self, nbytes: int, deadline: float, done: Done, hard: bool = False):
         self.nbytes = nbytes
         self.deadline = deadline
+        self.patience = 0.0 if hard else max(0.0, deadline - time.monotonic())
         self.done = done
         self.finished = False
+
+    def due(self, progress: float) -> float:
+        """When this request is late, given the link's last completion at `progress`."""
+        return max(self.deadline, progress + self.patience) if self.patience else self.deadline
+
+
+class Progress:
+    """When a request last completed on any link of one backend (set by the links' reactors)."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
 
 
 class Link:
@@ -105,7 +127,8 @@ class Link:
     """
 
     def __init__(self, uri: str, options: NbdOptions, deadline: float,
-                 on_dead: Callable[[Link], None], on_timeout: Callable[[Link], None]):
+                 on_dead: Callable[[Link], None], on_timeout: Callable[[Link], None],
+                 progress: Progress | None = None):
         self.uri = uri
         self.h = _connect(uri, options, deadline)
         self.fd = self.h.aio_get_fd()
@@ -116,6 +139,7 @@ class Link:
         self._killed = 0                      # the errno of a kill, else 0
         self._kill_reason = ""
         self._sleep_until = float("inf")
+        self._progress = progress or Progress()   # shared by the backend's links
         self._closing: float | None = None   # close(): the deadline of the clean disconnect
         self._on_dead, self._on_timeout = on_dead, on_timeout
         self._wake_r, self._wake_w = socket.socketpair()
@@ -126,9 +150,9 @@ class Link:
 
     # --- issuing, from any thread ---------------------------------------------------------
 
-    def submit(self, issue: Issue, nbytes: int, done: Done, deadline: float) -> None:
+    def submit(self, issue: Issue, nbytes: int, done: Done, deadline: float, hard: bool = False) -> None:
         """Issue one command; `done(errno or 0)` is called once, on the reactor (or here if it fails)."""
-        req = Request(nbytes, deadline, done)
+        req = Request(nbytes, deadline, done, hard)
         with self._lock:
             if not self.alive:
                 raise OSError(self._killed or errno.ENOTCONN, self._kill_reason or f"connection to {self.uri} lost")
@@ -188,6 +212,10 @@ class Link:
         """Alive and not being cut (a killed link is alive until its reactor has ended it)."""
         return self.alive and not self._killed
 
+    def due(self, deadline: float, patience: float) -> float:
+        """When a waiter's request (its `deadline`, its timeout `patience`) is late on this link."""
+        return max(deadline, self._progress.last + patience)
+
     @property
     def load(self) -> int:
         return self.in_flight_bytes + 4096 * len(self._pending)
@@ -201,6 +229,8 @@ class Link:
             req.finished = True
             self._pending.discard(req)
             self.in_flight_bytes -= req.nbytes
+            if not self._killed:     # an answer, an error too: the server is there
+                self._progress.last = time.monotonic()
             if err and self._killed:
                 err = self._killed
         req.done(err)
@@ -212,7 +242,8 @@ class Link:
         try:
             while not (h.aio_is_closed() or h.aio_is_dead()):
                 with self._lock:
-                    earliest = min((r.deadline for r in self._pending), default=float("inf"))
+                    progress = self._progress.last
+                    earliest = min((r.due(progress) for r in self._pending), default=float("inf"))
                     if self._closing is not None:
                         earliest = min(earliest, self._closing)
                     self._sleep_until = earliest
@@ -240,7 +271,7 @@ class Link:
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         with self._lock:
-            late = any(r.deadline <= now for r in self._pending)
+            late = any(r.due(self._progress.last) <= now for r in self._pending)
             closing_late = self._closing is not None and self._closing <= now
         if late:
             self.kill(errno.ETIMEDOUT, f"no answer from {self.uri} within the deadline")
@@ -333,6 +364,7 @@ class NbdBackend:
         self.options = options
         self.timeout = options.dest_timeout if dest else options.source_timeout
         self.guest_wait = self.timeout + REACTOR_GRACE     # mirror.py: a guest flush waits no longer
+        self._progress = Progress()   # the links' last completion (deadlines, module notes)
         # This condition's lock protects the link list, the opener's state and the flush counts.
         self._cond = threading.Condition()
         self._links: list[Link] = []
@@ -372,7 +404,7 @@ class NbdBackend:
     # --- links ----------------------------------------------------------------------------
 
     def _connect(self, deadline: float) -> Link:
-        return Link(self.path, self.options, deadline, self._link_dead, self._timed_out)
+        return Link(self.path, self.options, deadline, self._link_dead, self._timed_out, self._progress)
 
     def _open_links(self) -> None:
         """The opener thread: links beyond the first, and replacements asked for by `_link`.
@@ -452,7 +484,8 @@ class NbdBackend:
         Always waits for every piece it issued, even after an error: a read's buffer is the
         caller's (nbdkit's), which must not be written after we return.
         """
-        deadline = time.monotonic() + (timeout or self.timeout)
+        patience = timeout or self.timeout
+        deadline = time.monotonic() + patience
         link = self._link(deadline, op, offset)
         count = _Countdown(len(pieces))
         i, retried = 0, False
@@ -469,7 +502,7 @@ class NbdBackend:
                     count.one(err.errno or errno.EIO)
                 break
             i += 1
-        if not count.event.wait(max(0.0, deadline - time.monotonic()) + REACTOR_GRACE):
+        if not self._wait(count, link, deadline, patience):
             link.kill(errno.ETIMEDOUT, f"no answer from {self.path} within {self.timeout} s")
             count.event.wait(REACTOR_GRACE)
             raise self._timeout(op, offset)
@@ -477,6 +510,16 @@ class NbdBackend:
             if count.error == errno.ETIMEDOUT:
                 raise self._timeout(op, offset)
             raise OSError(count.error, f"{op} at {offset} on {self.path}: {os.strerror(count.error)}")
+
+    @staticmethod
+    def _wait(count: "_Countdown", link: Link, deadline: float, patience: float) -> bool:
+        """Wait for a request's pieces while its link makes progress (module notes); False: late."""
+        while True:
+            due = link.due(deadline, patience)
+            if count.event.wait(max(0.0, due - time.monotonic()) + REACTOR_GRACE):
+                return True
+            if link.due(deadline, patience) <= due:
+                return False
 
     # --- the Backend interface (backend.py) ---------------------------------------------------
 
@@ -685,7 +728,7 @@ class Channel:
         deadline = self._deadline(cap)
         if self._link is None or not self._link.usable:
             self._link = self.backend._link(deadline, op, offset)
-        self._link.submit(issue, nbytes, done, deadline)
+        self._link.submit(issue, nbytes, done, deadline, hard=cap is not None)
 
     def pread(self, buf: memoryview, offset: int, done: Done, cap: float | None = None) -> None:
         self._submit("pread", offset, len(buf), _pread(nbd.Buffer.from_buffer(buf), offset), done, cap)

@@ -18,7 +18,9 @@ Design notes
 - The copier must not copy a chunk while an older send to it is pending: the send would land
   after the copy and put old data over new. A copier run holds the chunk range (no new send can be
   offered there) and waits for the pending ones (`wait_idle`) before it clears the bits. The
-  switchover waits for all of them (`drain`) under its stun, when no guest update can add one.
+  switchover waits for all of them (`drain`) under its stun, when no guest update can add one;
+  `flush_dest` waits (`drain` too) for those pending when it began, not for the ones a guest
+  writing on adds meanwhile, or it might never return.
 - Threads: one worker for a local destination (a pwrite to the page cache is over in
   microseconds; more threads would only contend for the GIL), several for an NBD destination,
   whose requests each wait a round trip. They run at normal priority: a sender that falls behind
@@ -39,7 +41,7 @@ from collections import deque
 from typing import Callable
 
 DEFAULT_MAX_BYTES = 64 << 20
-DEFAULT_MAX_REQUESTS = 1024
+DEFAULT_MAX_REQUESTS = 8192    # 32 MiB of 4 KiB writes: a burst of a max-rate guest fits
 # How many queued sends a worker passes over (their chunks held by another batch) before it stops
 # looking, and how many it takes at once.
 SCAN_LIMIT = 64
@@ -52,11 +54,12 @@ class Send:
     """One guest update for the destination: its chunks and byte range, the data bytes it holds
     (what the bound counts; none for a zero or trim), and how to apply it."""
 
-    __slots__ = ("first", "last", "offset", "count", "nbytes", "apply")
+    __slots__ = ("first", "last", "offset", "count", "nbytes", "apply", "number")
 
     def __init__(self, first: int, last: int, offset: int, count: int, nbytes: int, apply: Apply):
         self.first, self.last, self.offset, self.count = first, last, offset, count
         self.nbytes, self.apply = nbytes, apply
+        self.number = 0                             # the sender's count of offers when offered
 
 
 class Sender:
@@ -77,6 +80,8 @@ class Sender:
         self._line: dict[int, deque[Send]] = {}     # chunk -> its pending sends, oldest first
         self._pending_bytes = 0
         self._pending = 0
+        self._offered = 0                           # sends ever offered (a send's number)
+        self._numbers: set[int] = set()             # the numbers of the pending sends
         self._idle = 0                              # workers waiting for sends
         self.sent_bytes = 0
         self._stopping = False
@@ -94,6 +99,9 @@ class Sender:
             if (self._stopping or self._pending >= self.max_requests
                     or self._pending_bytes + send.nbytes > self.max_bytes):
                 return False
+            self._offered += 1
+            send.number = self._offered
+            self._numbers.add(send.number)
             self._queue.append(send)
             for chunk in range(send.first, send.last + 1):
                 line = self._line.get(chunk)
@@ -123,9 +131,11 @@ class Sender:
                 self._settled.wait()
 
     def drain(self, deadline: float | None = None) -> bool:
-        """Wait until nothing is pending; False if the deadline came first."""
+        """Wait until every send pending now has settled (not those offered meanwhile: a guest
+        writing on would keep the queue from ever being empty); False if the deadline came first."""
         with self._settled:
-            while self._pending:
+            mark = self._offered
+            while self._numbers and min(self._numbers) <= mark:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -237,3 +247,4 @@ class Sender:
                 del self._line[chunk]
         self._pending -= 1
         self._pending_bytes -= send.nbytes
+        self._numbers.discard(send.number)

@@ -15,7 +15,7 @@ Design notes
   matches (never by name: other engineers run nbdkit here).
 - An agent without disks writes no [[vm]]: a datastore host (`agent_keys`, `extra_config`).
 - `command_prefix` runs the agent under another command, e.g. inside a host of a network
-  namespace lab (agent/netns.py `Host.argv([])`: `ip netns exec` execs the agent in place, so
+  namespace lab (svlab/netns.py `Host.argv([])`: `ip netns exec` execs the agent in place, so
   the PID is still the agent's). Its Unix sockets and files are this machine's as before.
 - Sockets and state live in a short directory under /tmp (Unix socket paths are limited to 107
   bytes); `AgentPool` makes those directories and removes them with the agents.

@@ -41,12 +41,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from agent.jsonlines import JsonLinesClient  # noqa: E402
-from agent.writer import PATTERN, fill_pattern_image  # noqa: E402
+from svlab.writer import PATTERN, fill_pattern_image  # noqa: E402
 
 import nbdremote  # noqa: E402  (tests/, on sys.path as pytest's rootdir conftest)
 
 if TYPE_CHECKING:
-    from agent.netns import Lab   # imported where used: pyroute2 costs every test run 0.2 s
+    from svlab.netns import Lab   # imported where used: pyroute2 costs every test run 0.2 s
 
 MiB = 1024 * 1024
 WRITE_PIECE = 64 * 1024
@@ -326,13 +326,13 @@ def start_file_server(sock_dir: Path, tmp_path: Path, processes: Processes) -> C
 
 @pytest.fixture
 def two_hosts() -> Iterator[Lab]:
-    """Hosts "a" and "b" as network namespaces joined by a veth pair (agent/netns.py), removed afterwards.
+    """Hosts "a" and "b" as network namespaces joined by a veth pair (svlab/netns.py), removed afterwards.
 
     a is 198.18.0.1, b 198.18.0.2 (`lab["b"].address`). Fixtures that start processes on a host
     depend on this one, so pytest stops them first; a process still running at the end makes
     the teardown fail (LabError names it).
     """
-    from agent.netns import Lab
+    from svlab.netns import Lab
 
     lab = Lab("svmt", ("a", "b"))
     try:

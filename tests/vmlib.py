@@ -15,7 +15,7 @@ from typing import Any
 
 from agentproc import AgentPool, AgentProcess
 
-from agent.writer import VerifyingWriter, fill_pattern_image
+from svlab.writer import VerifyingWriter, fill_pattern_image
 
 MiB = 1024 * 1024
 
@@ -46,7 +46,7 @@ def make_vm(pool: AgentPool, tmp_path: Path, n_disks: int = 1, size: int = 32 * 
             extra_config: str = "", files: bool = True, command_prefix: list[str] | None = None) -> AgentVM:
     """A VM of `n_disks` sparse disks under tmp_path/srcN and its agent (added to `pool`, started);
     `files`: each disk with a sidecar and the VM with an nvram; `command_prefix`: run the agent (and
-    so its nbdkit) under it, e.g. on a host of a netns lab (agent/netns.py `Host.argv([])`)."""
+    so its nbdkit) under it, e.g. on a host of a netns lab (svlab/netns.py `Host.argv([])`)."""
     n = len(pool.agents)
     src = tmp_path / f"src{n}"
     src.mkdir()

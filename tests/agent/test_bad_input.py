@@ -62,7 +62,13 @@ def test_refusals_change_nothing(agent_vm, dest_dir: Path, small_tmpfs) -> None:
         (["migrate", vm.name, "--dest", str(empty), "--granularity", "3000"], 2, ["'3000'", "power of two"]),
         (["migrate", vm.name, "--dest", str(empty), "--granularity", "1T"], 2, ["'1T'", "64.0 MiB"]),
         (["migrate", vm.name, "--dest", str(empty), "--stun-budget", "1h"], 2, ["'1h'", "50ms"]),
+        (["migrate", vm.name, "--dest", str(empty), "--max-throttle", "5"], 2, ["'5'", "at most 1 s", "5ms"]),
         (["abort", "vm9"], 3, ["unknown VM 'vm9'"]),
+        (["set", vm.name, "--mirror", "async"], 3, ["VM 'vm1' is not migrating"]),
+        (["set", "vm9", "--rate", "1M"], 3, ["unknown VM 'vm9'"]),
+        (["set", vm.name], 2, ["nothing to change", "--max-throttle"]),
+        (["set", vm.name, "--max-throttle", "2s"], 2, ["'2s'", "at most 1 s"]),
+        (["set", vm.name, "--mirror", "later"], 2, ["'later'", "async"]),
     ]
     for args, code, words in cases:
         done = vm.cli(*args)
@@ -197,8 +203,8 @@ def test_state_files_are_private(agent_vm, dest_dir: Path) -> None:
 # ---- random requests ----------------------------------------------------------------------------
 
 API_OPS = {"migrate": ["vm", "dest", "strategy", "rate", "mirror", "granularity", "stun_budget",
-                       "delete_source", "max_passes"],
-           "status": ["vm", "samples"], "abort": ["vm"]}
+                       "delete_source", "max_throttle"],
+           "status": ["vm", "samples"], "abort": ["vm"], "set": ["vm", "mirror", "rate", "max_throttle", "stun_budget"]}
 API_KEYS = sorted({k for keys in API_OPS.values() for k in keys} | {"stop_vms"})
 API_WORDS = ["vm1", "vm9", "optimized", "legacy", "sync", "dirty", "false", "true", "", "  ", "rel/dir",
              "/nonexistent/dest", "a\0b", "\ud800"]
@@ -212,9 +218,10 @@ api_values = st.recursive(api_leaves, lambda inner: st.lists(inner, max_size=3) 
 # that every check is reached, not only the first. No good dest exists (see the module notes).
 API_GOOD = {"vm": st.just("vm1"), "dest": st.just("/nonexistent/dest"),
             "strategy": st.sampled_from(["optimized", "legacy"]), "rate": st.integers(0, 1 << 40),
-            "mirror": st.sampled_from(["sync", "async", "dirty"]), "granularity": st.sampled_from([4096, 65536, 64 * MiB]),
+            "mirror": st.sampled_from(["sync", "async", "dirty"]),
+            "granularity": st.sampled_from([4096, 65536, 64 * MiB]),
             "stun_budget": st.sampled_from([0.05, 1, 10]), "delete_source": st.booleans(),
-            "max_passes": st.integers(1, 1000), "samples": st.booleans()}
+            "max_throttle": st.sampled_from([0, 0.005, 1]), "samples": st.booleans()}
 
 
 @st.composite

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.writer import fill_pattern_image
+from svlab.writer import fill_pattern_image
 
 MiB = 1 << 20
 SIZE = 64 * MiB

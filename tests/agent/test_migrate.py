@@ -1,8 +1,9 @@
 """Agent-driven live migration under a concurrent verifying writer (issue 2, "What must be shown" 2).
 
 Real agent process, real nbdkit running the mirror node, real libnbd clients. For both stun
-strategies, both mirror modes, 1 and 4 disks: the destination equals the writer's model, the
-writer saw no error, and after switchover new writes reach the destination only.
+strategies, the three mirror modes (sync, async, dirty), 1 and 4 disks: the destination equals
+the writer's model, the writer saw no error, and after switchover new writes reach the
+destination only.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.writer import file_digest
+from svlab.writer import file_digest
 
 MiB = 1024 * 1024
 
@@ -57,6 +58,8 @@ def test_migration_under_writer(agent_vm, dest_dir: Path, tmp_path: Path, strate
                      "CopyDirtyInfo", "CopyDirtyData", "DiskCopyDone", "Complete", "Cleanup"]
     kinds = [s["kind"] for s in record["stuns"] if s.get("outcome") == "released"]
     assert kinds == ["mirror_install", "switchover"]
+    endgame = [s["name"] for s in record["steps"] if "end-game" in s["name"]]
+    assert endgame == (["mirror sync (async end-game)"] if mirror == "async" else []), record["steps"]
     assert all(s["max_wait_seconds"] <= s["duration_seconds"] + 1e-3 for s in record["stuns"])
     full = json.loads(report_file.read_text())
     assert full["samples"] and {"t", "phase", "dirty_bytes", "copied_bytes", "guest_written_bytes"} <= \

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.writer import fill_pattern_image
+from svlab.writer import fill_pattern_image
 
 MiB = 1024 * 1024
 # Every step from the switchover stun to the end of Cleanup where the agent can die.

@@ -14,7 +14,7 @@ import nbd
 from agentproc import free_tcp_port
 
 from agent.supervisor import process_start_time
-from agent.writer import VerifyingWriter
+from svlab.writer import VerifyingWriter
 
 MiB = 1 << 20
 

@@ -1,6 +1,7 @@
 """Unit tests of the agent's pure parts: config validation, option parsing, fault-injection syntax."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from agent.config import load_config
 from agent.errors import EXIT_CONFIG, ConfigError
 from agent.phases import Injection
 from agent.plan import MigrationOptions
-from agent.progress import phase_table, render_line
+from agent.progress import Progress, phase_table, render_line
 from agent.errors import SvmotionError
 
 GOOD = """
@@ -120,7 +121,9 @@ def test_migration_options_from_request() -> None:
     ({"delete_source": 0}, ["delete_source 0", "not an integer"]),
     ({"rate": 5.5}, ["rate 5.5", "an integer"]),
     ({"rate": True}, ["rate True", "not a boolean"]),
-    ({"max_passes": None}, ["max_passes None", "not null"]),
+    ({"max_throttle": None}, ["max_throttle None", "not null"]),
+    ({"max_throttle": 1.5}, ["max_throttle 1.5", "from 0 to 1"]),
+    ({"mirror": "later"}, ["mirror 'later'", "sync, async, dirty"]),
     ({"stun_budget": float("inf")}, ["stun_budget inf", "non-finite"]),
     ({"granularity": 1 << 40}, ["granularity 1099511627776", "67108864"]),
     ({"dest": "   "}, ["dest '   '", "--dest /mnt/new"]),
@@ -150,3 +153,40 @@ def test_progress_rendering() -> None:
                                     "held_requests": 3, "outcome": "released"}],
                          "passes": [{"kind": "bulk", "bytes": 2**20}, {"kind": "dirty", "bytes": 1024}]})
     assert "stun switchover" in table and "2.00 ms" in table and "1 dirty passes" in table
+
+
+def test_progress_shows_the_throttle_the_predictions_and_one_stall_line() -> None:
+    view = {"throttle_seconds": 0.0016, "remaining_bytes": 2**30, "predicted_converge_seconds": 185.2,
+            "predicted_finish_seconds": 187.0, "stall": None}
+    rec = {"vm": "vm1", "phase": "CopyDirtyData", "state": "running", "convergence": view,
+           "progress": {"copied_bytes": 2**20, "total_bytes": 4 * 2**20, "dirty_bytes": 2**20, "rate_bps": 0}}
+    assert "throttle 1.6 ms, converge in 3m05s, finish in 3m07s  CopyDirtyData" in render_line(rec, tty=False)
+    unknown = {**rec, "convergence": {**view, "throttle_seconds": 0.0, "predicted_converge_seconds": None,
+                                      "predicted_finish_seconds": None}}
+    assert "dirty 1.0 MiB converge in —, finish in —  CopyDirtyData" in render_line(unknown, tty=False)
+    assert "converge" not in render_line({**rec, "phase": "DiskSetup", "convergence": {}}, tty=False)
+    out = io.StringIO()
+    progress = Progress(out, tty=False)
+    stalled = {**rec, "convergence": {**view, "stall": "not converging: ...; `svmotion abort vm1`"}}
+    for record in (rec, stalled, stalled, stalled, rec, stalled):
+        progress.update(record)
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("svmotion: warning")]
+    assert lines == ["svmotion: warning: vm1: not converging: ...; `svmotion abort vm1`"] * 2   # once per stall
+
+
+def test_changes_and_the_throttle_in_the_tables() -> None:
+    record = {"passes": [{"kind": "bulk", "bytes": 2**20}, {"kind": "dirty", "bytes": 1024, "count": 40}],
+              "changes": [{"what": "mirror", "from": "async", "to": "sync", "phase": "CopyDirtyData",
+                           "applied": "mirror node"},
+                          {"what": "max_throttle", "from": 0.005, "to": 0.02, "phase": "CopyDirtyData",
+                           "applied": "agent"},
+                          {"what": "rate", "from": 0, "to": 2**20, "phase": "DiskCopy", "applied": "mirror node"}],
+              "convergence": {"throttle_events": [{"throttle_seconds": 0.0001, "reason": "x"},
+                                                  {"throttle_seconds": 0.005, "reason": "stalled"},
+                                                  {"throttle_seconds": 0.0, "reason": "y"}]}}
+    table = phase_table(record)
+    assert "in 40 dirty passes" in table
+    assert "set mirror async -> sync in CopyDirtyData (by the mirror node, no stun)" in table
+    assert "set max_throttle 5 ms -> 20 ms in CopyDirtyData (by the agent)" in table
+    assert "set rate unlimited -> 1.0 MiB/s in DiskCopy" in table
+    assert "guest throttle: up to 5.00 ms per write, 2 changes, stalled 1 times" in table

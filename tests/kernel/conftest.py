@@ -33,7 +33,7 @@ import pytest
 from agentproc import PYTHON, ROOT, AgentPool, AgentProcess, free_tcp_port
 
 from agent import attach as attach_mod
-from agent import lab
+from svlab import lab
 
 MiB = 1024 * 1024
 

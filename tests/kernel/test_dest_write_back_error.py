@@ -22,7 +22,7 @@ import pytest
 
 from agent import attach as attach_mod
 from agent.jsonlines import RemoteError
-from agent.writer import PATTERN, VerifyingWriter
+from svlab.writer import PATTERN, VerifyingWriter
 
 pytestmark = pytest.mark.kernel
 

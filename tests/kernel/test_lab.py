@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent import attach as attach_mod
-from agent import lab
+from svlab import lab
 
 pytestmark = pytest.mark.kernel
 

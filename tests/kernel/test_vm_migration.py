@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab import NbdDisk
+from svlab.lab import NbdDisk
 
 pytestmark = pytest.mark.kernel
 

@@ -26,7 +26,8 @@ GRAFANA = REPO / "grafana"
 
 def disk_status(name: str, *, dirty: int = 0, bulk: int = 0, dirty_copied: int = 0,
                 guest: int = 0, dirtied: int = 0, errors: dict | None = None,
-                latency: tuple[list[float], list[int], float, int] | None = None) -> dict:
+                latency: tuple[list[float], list[int], float, int] | None = None,
+                throttle: float = 0.0, throttled: float = 0.0) -> dict:
     """A DiskStatus as docs/interfaces.md section 2 defines it."""
     le, counts, total, count = latency or ([0.0001, 0.001, 0.01, 0.1], [0, 0, 0, 0], 0.0, 0)
     return {
@@ -39,6 +40,8 @@ def disk_status(name: str, *, dirty: int = 0, bulk: int = 0, dirty_copied: int =
                  "rate_bps": 0, "error": None},
         "errors": errors or {},
         "write_latency": {"le": le, "counts": counts, "sum": total, "count": count},
+        "throttle_seconds": throttle, "throttled_seconds": throttled, "throttled_requests": 0,
+        "throttle_max_seconds": throttle, "async": None,
     }
 
 

@@ -61,6 +61,7 @@ def simulated_migration_exposition(url: str) -> str:
         metrics.observe_phase("vm1", phase, 0.01)
     metrics.observe_stun("vm1", "mirror_install", "optimized", 0.0008, 0.0005)
     metrics.count_pass("vm1")
+    metrics.set_stalled("vm1", True)
     metrics.set_predicted_stun("vm1", 0.003)
     metrics.observe_stun("vm1", "switchover", "optimized", 0.004, 0.003)
     metrics.count_migration("vm1", "success")
@@ -68,7 +69,7 @@ def simulated_migration_exposition(url: str) -> str:
     metrics.register_plugin_collector(lambda: {"vm1": status_reply("vm1", [
         disk_status("disk0", dirty=65536, bulk=1 << 20, dirty_copied=4096, guest=8192,
                     dirtied=8192, errors={"dest:pwrite": 1},
-                    latency=([0.001, 0.01], [3, 4], 0.004, 4))])})
+                    latency=([0.001, 0.01], [3, 4], 0.004, 4), throttle=0.002, throttled=0.5)])})
     return fetch(url)
 
 
@@ -100,7 +101,8 @@ def test_dashboard_structure():
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     titles = " | ".join(p["title"] for p in panels).lower()
     for topic in ("stun duration by kind and strategy", "dirty bytes per disk", "throughput",
-                  "guest write latency", "phase timeline", "migrations by result"):
+                  "guest write latency", "phase timeline", "migrations by result", "guest throttle",
+                  "migration stalled"):
         assert topic in titles, f"no panel about {topic}"
     datasource = yaml.safe_load(
         (GRAFANA / "provisioning" / "datasources" / "svmotion.yml").read_text())["datasources"][0]

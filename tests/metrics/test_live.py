@@ -26,7 +26,7 @@ from promlab import REPO, Prometheus, fetch, need, prometheus_running
 from test_dashboard import missing_selectors
 from test_report import check_png
 
-from agent.writer import PATTERN, VerifyingWriter, fill_pattern_image
+from svlab.writer import PATTERN, VerifyingWriter, fill_pattern_image
 
 pytestmark = pytest.mark.slow
 

@@ -110,9 +110,28 @@ def test_plugin_collector_turns_disk_status_into_families(registry):
     assert v("svmotion_guest_write_latency_seconds_count", disk="disk0") == 8
     assert v("svmotion_guest_write_latency_seconds_sum", disk="disk0") == pytest.approx(0.021)
 
+    assert v("svmotion_guest_throttle_delay_seconds", disk="disk1") == 0.0
+    assert v("svmotion_guest_throttle_seconds_total", disk="disk1") == 0.0
+
     # the collector follows the plugin: new figures show at the next scrape
     replies["vm1"]["disks"]["disk0"]["dirty_bytes"] = 4096
     assert v("svmotion_dirty_bytes", disk="disk0") == 4096
+
+
+def test_throttle_figures_come_from_the_plugin_and_the_stall_from_the_agent(registry):
+    metrics.set_nbdkit_up("vm1", True)
+    assert value("svmotion_migration_stalled", vm="vm1") == 0       # known VM: exported at 0
+    metrics.set_stalled("vm1", True)
+    assert value("svmotion_migration_stalled", vm="vm1") == 1
+    old = disk_status("disk1")
+    for key in ("throttle_seconds", "throttled_seconds"):     # a mirror node older than the throttle
+        del old[key]
+    metrics.register_plugin_collector(lambda: {"vm1": status_reply("vm1", [
+        disk_status("disk0", throttle=0.004, throttled=1.25), old])})
+    assert value("svmotion_guest_throttle_delay_seconds", vm="vm1", disk="disk0") == 0.004
+    assert value("svmotion_guest_throttle_seconds_total", vm="vm1", disk="disk0") == 1.25
+    assert value("svmotion_guest_throttle_seconds_total", vm="vm1", disk="disk1") is None
+    assert value("svmotion_dirty_bytes", vm="vm1", disk="disk1") == 0
 
 
 def test_a_malformed_or_failing_status_never_breaks_the_scrape(registry):

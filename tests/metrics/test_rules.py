@@ -41,7 +41,8 @@ def test_rule_unit_tests_pass():
 
 def test_every_alert_the_issue_asks_for_exists():
     assert set(ALERTS) == {"SvmotionStunOverBudget", "SvmotionMigrationNotConverging",
-                           "SvmotionMigrationFailed", "SvmotionAgentDown", "SvmotionNbdkitDown"}
+                           "SvmotionMigrationStalled", "SvmotionMigrationFailed", "SvmotionAgentDown",
+                           "SvmotionNbdkitDown"}
 
 
 def test_every_alert_is_unit_tested():

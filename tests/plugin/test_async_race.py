@@ -171,3 +171,28 @@ def test_the_copier_waits_for_a_pending_send_to_its_chunks(sides, copier, dirtie
         thread.join(20)
     side.assert_equal()
     assert not finished_early, "the copier copied a chunk while an older send to it was in flight"
+
+
+def test_a_drain_waits_for_the_sends_pending_when_it_began_not_for_later_ones() -> None:
+    """flush_dest drains while the guest writes on: it must return once what was pending when it
+    began has settled, even though the guest keeps the queue from ever being empty."""
+    from nbd_plugin.sender import Send, Sender
+    gates = [threading.Event() for _ in range(3)]
+    sender = Sender(1, on_sent=lambda n: None, on_failed=lambda send, err: None)
+    try:
+        for chunk, gate in enumerate(gates[:2]):
+            sender.offer(Send(chunk, chunk, chunk * GRANULARITY, WRITE, WRITE, lambda g=gate: g.wait(20) and None))
+        drained = threading.Event()
+        thread = threading.Thread(target=lambda: sender.drain(time.monotonic() + 20) and drained.set())
+        thread.start()
+        sender.offer(Send(2, 2, 2 * GRANULARITY, WRITE, WRITE, lambda: gates[2].wait(20) and None))   # later
+        assert not drained.wait(0.3), "drained while sends it began with were pending"
+        gates[0].set()
+        gates[1].set()
+        assert drained.wait(5), "the drain waited for a send offered after it began"
+        assert sender.status()["pending_requests"] == 1
+        thread.join(5)
+    finally:
+        for gate in gates:
+            gate.set()
+        sender.stop()

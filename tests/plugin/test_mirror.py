@@ -25,7 +25,7 @@ from typing import Any, Callable
 import pytest
 
 from agent.jsonlines import JsonLinesClient, RemoteError
-from agent.writer import PATTERN, VerifyingWriter, WriterReport, file_digest
+from svlab.writer import PATTERN, VerifyingWriter, WriterReport, file_digest
 from nbd_plugin.copier import WRITE_BEHIND_BYTES
 
 MiB = 1024 * 1024

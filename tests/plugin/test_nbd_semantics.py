@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import nbd
 import pytest
 
-from agent.writer import BLOCK, VerifyingWriter
+from svlab.writer import BLOCK, VerifyingWriter
 
 MiB = 1024 * 1024
 KiB = 1024

@@ -26,7 +26,7 @@ import nbdremote
 import pytest
 
 from agent.jsonlines import RemoteError
-from agent.writer import file_digest
+from svlab.writer import file_digest
 from nbd_plugin.backend import FileBackend
 from nbd_plugin.backend_nbd import Channel, NbdBackend, NbdOptions
 from nbd_plugin.digest import chunk_digests
@@ -857,3 +857,37 @@ def test_a_prepared_destination_is_connected_before_the_stun(tmp_path: Path, tes
     with pytest.raises(RemoteError, match="not passthrough"):
         ctl.call("prepare_mirror", disks=spec)      # a mirror is installed already
     ctl.call("abort")
+
+
+def test_a_slow_destination_whose_queue_outlasts_the_deadline_is_not_dead(tmp_path: Path, start_nbd_server) -> None:
+    """A server rate-limited to 1 MiB/s, 4 MiB of writes queued at once on a 0.5 s destination
+    deadline: the last answer comes seconds after it was asked for, but answers keep coming, so
+    no request is late (backend_nbd.py, deadlines); the same server frozen is found dead."""
+    dst = sparse_file(tmp_path / "hostb" / "dst.raw", 8 * MiB)
+    server = start_nbd_server(dst, transport="unix", filters=("--filter=rate", "rate=8M"))
+    dest = NbdBackend(server.uri, NbdOptions(dest_timeout=0.5), dest=True)
+    errors: list[OSError] = []
+
+    def write(i: int) -> None:
+        try:
+            dest.pwrite(bytes([i + 1]) * (256 * KiB), i * 256 * KiB)
+        except OSError as err:
+            errors.append(err)
+
+    try:
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(write, range(16)))
+        took = time.monotonic() - t0
+        assert not errors, f"a slow but answering destination was taken for dead: {errors[0]}"
+        assert took > 2.0, f"the rate filter did not slow the writes ({took:.2f} s): the test proves nothing"
+        with open(dst, "rb") as f:
+            assert all(f.read(256 * KiB) == bytes([i + 1]) * (256 * KiB) for i in range(16))
+        server.freeze()
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as dead:
+            dest.pwrite(b"\xee" * 4096, 0)
+        assert dead.value.errno == errno.ETIMEDOUT and time.monotonic() - t0 < 0.5 + 1.0
+    finally:
+        server.thaw()
+        dest.close()

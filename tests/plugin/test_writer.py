@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.writer import BLOCK, PATTERN, VerifyingWriter, block_pattern, patch_image
+from svlab.writer import BLOCK, PATTERN, VerifyingWriter, block_pattern, patch_image
 
 MiB = 1024 * 1024
 

@@ -12,7 +12,7 @@ Design notes
 - `ds_host` is one agent per test module (starting one costs a second): tests that share it work
   in their own directory of the datastore.
 - Two hosts for real: `two_hosts` (tests/conftest.py) is a lab of network namespaces
-  (agent/netns.py) whose addresses are the same in every lab, so the session's PKI certifies
+  (svlab/netns.py) whose addresses are the same in every lab, so the session's PKI certifies
   them too (site/<address>/, other/<address>/). `lab_ds_host` runs the datastore agent on host b,
   listening on b's address, and its test clients (`ds`, `remote`, `attempt`) connect from host a
   with a's certificate. It is stopped before the lab is removed (it depends on `two_hosts`).
@@ -27,7 +27,7 @@ from agentproc import AgentPool
 from remotelib import LAB_ADDRESSES, DatastoreHost, Pki, make_datastore_host, svmotion
 from vmlib import AgentVM, make_vm
 
-from agent.netns import Lab
+from svlab.netns import Lab
 
 
 @pytest.fixture(scope="session")

@@ -17,10 +17,10 @@ from typing import Any, ContextManager
 from agentproc import PYTHON, ROOT, AgentPool, AgentProcess, free_tcp_port
 
 from agent.config import TlsConfig
-from agent.netns import Host, host_address
+from svlab.netns import Host, host_address
 from agent.remote import RemoteAgent
 
-LAB_ADDRESSES = [host_address(i) for i in range(3)]   # agent/netns.py: the same in every lab, so one PKI serves all
+LAB_ADDRESSES = [host_address(i) for i in range(3)]   # svlab/netns.py: the same in every lab, so one PKI serves all
 
 
 def svmotion(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -79,7 +79,7 @@ class DatastoreHost(AgentProcess):
     client_dir: Path | None = None    # their certificates (default: the site's a.test)
 
     def client_side(self) -> ContextManager[Any]:
-        """Where this test process makes its client sockets: on `client_host` (agent/netns.py)."""
+        """Where this test process makes its client sockets: on `client_host` (svlab/netns.py)."""
         return self.client_host.entered() if self.client_host else nullcontext()
 
     def remote(self, host_dir: Path | None = None, host: str | None = None, timeout: float = 30) -> RemoteAgent:

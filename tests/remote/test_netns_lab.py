@@ -1,4 +1,4 @@
-"""The network-namespace lab of agent/netns.py, which the two-host tests stand on.
+"""The network-namespace lab of svlab/netns.py, which the two-host tests stand on.
 
 Real namespaces, veths, a bridge and TBF; the test's own sockets made on a host with
 `Host.entered`. What must hold: two hosts reach each other over their veth and nothing else;
@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from agent.netns import Host, Lab, LabError
+from svlab.netns import Host, Lab, LabError
 
 MiB = 1 << 20
 

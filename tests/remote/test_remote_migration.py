@@ -1,6 +1,6 @@
 """Migrations from host a to a datastore on host b and back: the phases over `ds_*` ops and NBD with TLS.
 
-Two hosts are network namespaces joined by a veth (agent/netns.py, fixture `two_hosts`): the
+Two hosts are network namespaces joined by a veth (svlab/netns.py, fixture `two_hosts`): the
 VM's agent and its nbdkit run on a (198.18.0.1), the datastore agent and its export on b
 (198.18.0.2), each with its own certificate of the site CA. The verifying writer reaches the VM
 over its Unix socket. Faults: b's link going down (the veth, no reset) during the bulk copy,
@@ -23,7 +23,7 @@ import pytest
 from remotelib import DatastoreHost
 from vmlib import AgentVM
 
-from agent.writer import VerifyingWriter, WriterReport, file_digest
+from svlab.writer import VerifyingWriter, WriterReport, file_digest
 
 MiB = 1024 * 1024
 

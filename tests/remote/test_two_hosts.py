@@ -1,6 +1,6 @@
 """A datastore agent on host b, its clients on host a: the two-host set-up of issue 11, end to end.
 
-Hosts are network namespaces joined by a veth (agent/netns.py, `two_hosts`); the agent runs
+Hosts are network namespaces joined by a veth (svlab/netns.py, `two_hosts`); the agent runs
 inside b (`lab_ds_host`) with b's certificate and listens on b's address only; the tests'
 clients connect from a with a's certificate: the agent API in this process (`Host.entered`),
 the NBD export with nbdcopy and nbdinfo run inside a. What tests/remote/test_datastore_api.py
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from remotelib import DatastoreHost, raw_client_context
 
-from agent.netns import Lab
+from svlab.netns import Lab
 from agent.remote import RemoteUnreachable, nbd_uri
 
 SUFFIX = ".svmotion-partial"

@@ -30,7 +30,7 @@ from agent.jsonlines import JsonLinesClient, RemoteError
 from agent.plan import human_bytes
 from agent.progress import Progress, phase_table
 from agent.supervisor import process_start_time
-from agent.writer import VerifyingWriter, fill_pattern_image
+from svlab.writer import VerifyingWriter, fill_pattern_image
 
 MiB = 1 << 20
 DISK_SIZE = 64 * MiB

@@ -500,15 +500,15 @@ class Guest:
 # ---------------------------------------------------------------- demo entry point
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m agent.lab [--disk SOCKET:EXPORT]... [--net] [--python] 'SHELL COMMAND'`.
+    """`python -m svlab.lab [--disk SOCKET:EXPORT]... [--net] [--python] 'SHELL COMMAND'`.
 
     Boots the lab guest on svmotion exports (they appear as /dev/vda, /dev/vdb, ... in order),
     runs the command with busybox sh, streams the console, and exits with the command's code.
-    Example: `python -m agent.lab --disk /run/svmotion/vm1.nbd:disk0 'mount /dev/vda /mnt && df /mnt'`
+    Example: `python -m svlab.lab --disk /run/svmotion/vm1.nbd:disk0 'mount /dev/vda /mnt && df /mnt'`
     """
     import argparse
     import sys
-    parser = argparse.ArgumentParser(prog="python -m agent.lab", description=main.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m svlab.lab", description=main.__doc__.splitlines()[0])
     parser.add_argument("--disk", action="append", default=[], metavar="SOCKET:EXPORT",
                         help="an NBD export on a Unix socket, e.g. /run/svmotion/vm1.nbd:disk0 (repeatable)")
     parser.add_argument("--net", action="store_true", help="user-mode network (the host is 10.0.2.2)")
