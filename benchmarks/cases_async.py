@@ -12,22 +12,24 @@ Design notes
 - One migration per mirror node and destination server: after the switchover the guest is
   served from the slowed destination, which says nothing about the mirror, so the writer stops
   as soon as `finish` returns.
-- Convergence against the quarter-rate destination needs the guest throttled. The agent's
-  controller (agent/convergence.py) is not on main yet, so the driver applies a simple rule of
-  its own through the plugin's `mirror_set(throttle=...)` (ThrottleRule below): every window,
-  if what the destination lacks (dirty + async pending bytes) did not shrink by a tenth, double
-  the per-update delay (from 100 us), up to a bound. It only raises: this guest never slows.
+- Convergence against the quarter-rate destination needs the guest throttled: the agent's own
+  controller (agent/convergence.py's Governor) decides from the driver's status polls and the
+  driver applies it with the plugin's `mirror_set(throttle=...)`, as the phase engine does. Its
+  bound is raised from the agent's 5 ms default: at QD 8 a 5 ms delay still lets 6.5 MB/s of
+  4 KiB writes through, more than this destination takes.
+- The driver follows the agent's async end-game: the mirror turns sync just before flush_dest.
 - Repetitions are interleaved (svmotion, then QEMU, per repetition), as in cases.py.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
+from agent.convergence import Governor, Sample
 from agent.jsonlines import RemoteError
+from agent.phases import counter_total, pending_bytes, remaining_bytes
 
 from . import images, procs
 from .cases import LOAD_RATE, Context, size_label
@@ -35,15 +37,11 @@ from .loadgen import LoadGen, Trace
 from .qemu_mirror import QemuMirrorRun, mirror_run
 from .report import Case
 from .stats import ratio, summarize
-from .svm import Dest, MirrorNodeDriver, Migration, NotConverged, Poll, remaining_bytes
+from .svm import Dest, MirrorNodeDriver, Migration, NotConverged, Poll
 
 MiB = 1 << 20
 WRITE_DELAY = "5ms"
 STUN_BUDGET = 0.05
-# A destination this slow answers a request after the copier's 4 MiB in flight ahead of it
-# (pipeline.py) and more: past the default 1 s deadline, which fails the mirror. The deadline
-# must stay under the lease, so both are raised for this case.
-SLOW_LINK_NODE = ("lease=10", "dest-timeout=5")
 CONTROL_TIMEOUT = 30.0
 MAX_PASSES = 100_000    # dirty passes end when what remains fits the budget (or at the timeout)
 
@@ -59,7 +57,7 @@ class AsyncConfig:
     pre_seconds: float
     converge_timeout: float     # svmotion: the copy passes give up after this long (aborted)
     qemu_ready_timeout: float   # QEMU: no READY by then is reported as not converging
-    throttle_bound: float       # the bench rule's largest per-update delay
+    throttle_bound: float       # the governor's bound (the agent's --max-throttle)
 
 
 CONFIGS = {
@@ -84,8 +82,8 @@ def slowed_destination(work: str, name: str, size: int, filters: list[str],
 def migrate_to(ctx: Context, case: Case, work: str, source: str, mode: str,
                filters: list[str], params: list[str], pre_seconds: float,
                rule: Callable[[MirrorNodeDriver], Poll] | None = None,
-               converge_timeout: float | None = None, copy_rate: float | None = None,
-               node_params: Sequence[str] = ()) -> tuple[Migration | None, Migration | None, Trace]:
+               converge_timeout: float | None = None,
+               copy_rate: float | None = None) -> tuple[Migration | None, Migration | None, Trace]:
     """One svmotion migration of `source` to a slowed destination under the paced load: the
     migration's timings (None when it did not converge in time or its switchover was refused;
     it is then aborted and the case says why), the timings of its copy passes when they did not
@@ -94,7 +92,7 @@ def migrate_to(ctx: Context, case: Case, work: str, source: str, mode: str,
                                                       filters, params)
     m = unconverged = None
     try:
-        with server, ctx.mirror_node(work, {"disk0": source}, extra=node_params,
+        with server, ctx.mirror_node(work, {"disk0": source},
                                      control_timeout=CONTROL_TIMEOUT) as (node, drv, sock):
             case.command(server.command)
             case.command(node.command)
@@ -147,44 +145,36 @@ def p99(samples: list[float]) -> float:
 
 # --- the bench's convergence rule ------------------------------------------------------------------
 
-class ThrottleRule:
-    """The bench's stand-in for the agent's convergence controller (module notes): raise the
-    guest throttle while what the destinations lack does not shrink; never lower it.
+class Throttle:
+    """The agent's convergence controller (agent/convergence.py's Governor) fed with the driver's
+    status polls, its throttle applied with mirror_set as the agent's phase engine does."""
 
-    Compared per window is the least `remaining` seen in it: dirty passes make `remaining` saw
-    (each pass empties the map, the guest refills it), so two single samples say little."""
-
-    WINDOW = 1.0
-    START = 100e-6
-    SHRINK = 0.1
-
-    def __init__(self, drv: MirrorNodeDriver, bound: float):
+    def __init__(self, drv: MirrorNodeDriver, bound: float, target: int):
         self.drv = drv
-        self.bound = bound
-        self.throttle = 0.0
+        self.governor = Governor(bound)
+        self.target = target
+        self.applied = 0.0
         self.first_raised: float | None = None
-        self._started = time.monotonic()
-        self._least = math.inf              # in the current window
-        self._last_least = math.inf         # in the window before
+        self.stalled = False
 
     def __call__(self, status: dict[str, Any]) -> None:
         now = time.monotonic()
-        self._least = min(self._least, remaining_bytes(status))
-        if now - self._started < self.WINDOW:
-            return
-        shrank = self._least < self._last_least * (1 - self.SHRINK)
-        self._started, self._last_least, self._least = now, self._least, math.inf
-        if not shrank and self.throttle < self.bound:
-            self.throttle = min(self.bound, max(self.START, self.throttle * 2))
-            self.drv.mirror_set(throttle=self.throttle)
+        decision = self.governor.observe(Sample(
+            now, remaining_bytes(status), pending_bytes(status),
+            counter_total(status, "dest_written_bytes"), counter_total(status, "dirtied_bytes"),
+            self.target))
+        self.stalled = self.stalled or decision.stalled
+        if decision.throttle != self.applied:
+            self.drv.mirror_set(throttle=decision.throttle)
+            self.applied = decision.throttle
             if self.first_raised is None:
                 self.first_raised = now
 
 
-def throttle_rule(bound: float, made: list[ThrottleRule]) -> Callable[[MirrorNodeDriver], Poll]:
-    """A maker of the driver's ThrottleRule (bound in seconds); each rule made goes to `made`."""
+def throttled(bound: float, target: int, made: list[Throttle]) -> Callable[[MirrorNodeDriver], Poll]:
+    """A maker of the driver's Throttle (bound in seconds, target bytes); each one made goes to `made`."""
     def make(drv: MirrorNodeDriver) -> Poll:
-        made.append(ThrottleRule(drv, bound))
+        made.append(Throttle(drv, bound, target))
         return made[-1]
     return make
 
@@ -298,20 +288,21 @@ def case_quarter_rate(ctx: Context) -> Case:
     qemu_ready: list[float] = []
     qemu_rate: list[float] = []
     qemu_missed = 0
+    stalls = 0
     with ctx.workdir("async_quarter") as work:
         source = images.make_dense(os.path.join(work, "disk0.raw"), acfg.quarter_disk)
         for _ in range(acfg.quarter_reps):
-            rules: list[ThrottleRule] = []
+            rules: list[Throttle] = []
             m, _, trace = migrate_to(ctx, case, work, source, "async", filters, params, acfg.pre_seconds,
-                                  rule=throttle_rule(acfg.throttle_bound, rules),
-                                  converge_timeout=acfg.converge_timeout, copy_rate=link,
-                                  node_params=SLOW_LINK_NODE)
+                                  rule=throttled(acfg.throttle_bound, int(STUN_BUDGET * link), rules),
+                                  converge_timeout=acfg.converge_timeout, copy_rate=link)
             rate_before.append(trace.throughput(trace.meta["start"] + 0.3, trace.meta["start"] + acfg.pre_seconds))
             if m is not None:
                 converge.append(m.copy_done - m.started)
                 total.append(m.finished - m.started)
                 throttles.append(m.disks_before_switch["disk0"]["throttle_seconds"])
             raised = rules[0].first_raised
+            stalls += rules[0].stalled
             if raised is not None:
                 rate_throttled.append(trace.throughput(raised, m.copy_done if m else trace.meta["stopped"]))
             run = qemu_to(work, case, source, "background", filters, params, acfg.pre_seconds,
@@ -329,6 +320,7 @@ def case_quarter_rate(ctx: Context) -> Case:
     case.add("svmotion async: guest write rate while throttled (first raise to converged)",
              rate_throttled, "B/s")
     case.add("svmotion async: throttle at the switchover (per guest update)", throttles, "s")
+    case.add("svmotion async: stalls the governor reported (runs)", [float(stalls)], "ratio")
     case.add("QEMU background: start to READY (converged runs)", qemu_ready, "s")
     case.add("QEMU background: guest write rate from start to READY or the timeout", qemu_rate, "B/s")
     case.verdict("svmotion async: runs converged / runs",
@@ -336,14 +328,10 @@ def case_quarter_rate(ctx: Context) -> Case:
     case.notes.append(f"QEMU background: {qemu_missed} of {acfg.quarter_reps} runs reached no READY "
                       f"within {acfg.qemu_ready_timeout:.0f} s.")
     case.notes.append(f"{size_label(acfg.quarter_disk)} dense disk; destination nbdkit --filter=rate "
-                      f"rate={link * 8} (bits/s: {link / 1e6:g} MB/s for reads and writes together); "
-                      f"mirror node with {' '.join(SLOW_LINK_NODE)} (with the default 1 s deadline the "
-                      "copy fails: its requests wait longer than that in the destination's queue). "
-                      f"The throttle is the bench's rule, not the agent's controller (not on main yet): "
-                      f"every {ThrottleRule.WINDOW:g} s, if dirty + async pending bytes shrank by less "
-                      f"than {ThrottleRule.SHRINK:.0%}, the delay doubles (from "
-                      f"{ThrottleRule.START * 1e6:g} us, bound {acfg.throttle_bound * 1e3:g} ms); "
-                      "converged = dirty + pending fit 50 ms of the destination's rate.")
+                      f"rate={link * 8} (bits/s: {link / 1e6:g} MB/s for reads and writes together). "
+                      f"Throttle: the agent's Governor (agent/convergence.py), bound "
+                      f"{acfg.throttle_bound * 1e3:g} ms, target dirty + pending <= 50 ms of the "
+                      "destination's rate; converged = the copy passes ended within that target.")
     return case
 
 

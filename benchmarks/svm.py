@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from agent.jsonlines import JsonLinesClient
+from agent.phases import remaining_bytes
 
 from . import images
 
@@ -34,13 +35,6 @@ POLL = 0.02
 LEASE = 2.0
 
 Poll = Callable[[dict[str, Any]], None]
-
-
-def remaining_bytes(status: dict[str, Any]) -> int:
-    """What the destinations still lack: dirty chunks plus async sends still pending (both must
-    reach them before or under the switchover stun)."""
-    return sum(d["dirty_bytes"] + ((d.get("async") or {}).get("pending_bytes", 0))
-               for d in status["disks"].values())
 
 
 @dataclass(frozen=True)
@@ -243,6 +237,10 @@ class MirrorNodeDriver:
             m.copy_done = time.monotonic()
             if after_copy is not None and not m.flush_sent:
                 after_copy()
+            if mode == "async" and not m.flush_sent:
+                # The agent's async end-game (agent/phases.py): sync from flush_dest on, so the
+                # switchover stun does not wait for a send queue the guest refilled meanwhile.
+                self.mirror_set(mode="sync")
             m.flush_sent = time.monotonic()
             m.flush_seconds = self.client.call("flush_dest")["seconds"]
             status = self.status()
