@@ -115,8 +115,7 @@ def migrate_to(ctx: Context, case: Case, work: str, source: str, mode: str,
                 except TimeoutError:
                     # The control connection is out of step now: the node goes down with it.
                     unconverged = drv.last if drv.last is not None and drv.last.copy_done else None
-                    case.notes.append(f"svmotion {mode}: a control call (flush_dest: it waits for every "
-                                      f"pending send while the guest adds more) did not return within "
+                    case.notes.append(f"svmotion {mode}: a control call did not return within "
                                       f"{CONTROL_TIMEOUT:.0f} s; the mirror node was stopped")
                 trace = lg.stop()
     finally:
@@ -253,8 +252,8 @@ def case_slow_dest(ctx: Context) -> Case:
     case.add("svmotion async: bytes overflowed to the copier (async.overflow_bytes)", overflow, "B")
     for key in ours:
         case.add(f"{key}: guest-visible wait flush_dest..finish", switch_waits[key], "s")
-        case.add(f"{key}: flush_dest seconds (async: waits for every pending send)", flushes[key], "s")
-        case.add(f"{key}: switchover stun in the plugin (async: drains the sends since)", stuns[key], "s")
+        case.add(f"{key}: flush_dest seconds", flushes[key], "s")
+        case.add(f"{key}: switchover stun in the plugin", stuns[key], "s")
     case.verdict("svmotion async: write p99 during the migration / before (median of the converged reps)",
                  summarize(ratios["svmotion async"])["median"], 1.5, "lower", "ratio")
     case.verdict("svmotion async: migrations finished (unthrottled)",
@@ -267,7 +266,9 @@ def case_slow_dest(ctx: Context) -> Case:
                       "the window, latency from its due time. Per repetition: svmotion async, "
                       "svmotion sync, QEMU write-blocking, each with a fresh delayed destination. No throttle: "
                       "what is measured is the async mirror's own cost to the guest; a migration "
-                      f"that does not converge within {acfg.converge_timeout:.0f} s is aborted and noted.")
+                      f"that does not converge within {acfg.converge_timeout:.0f} s is aborted and noted. "
+                      "The async mirror turns sync before flush_dest (the agent's end-game), so from "
+                      "there to finish the guest waits for the destination as under sync.")
     return case
 
 
