@@ -22,6 +22,7 @@ Design notes
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -138,6 +139,13 @@ def qemu_to(work: str, case: Case, source: str, mode: str, filters: list[str], p
     return run
 
 
+def add_measured(case: Case, label: str, samples: list[float], unit: str) -> None:
+    """A row of the samples, left out when there are none (a run that never got there: the
+    case's notes say why)."""
+    if samples:
+        case.add(label, samples, unit)
+
+
 def p99(samples: list[float]) -> float:
     return summarize(samples)["p99"]
 
@@ -242,20 +250,22 @@ def case_slow_dest(ctx: Context) -> Case:
             if not run.converged:
                 case.notes.append(f"QEMU write-blocking: {run.stalled}")
     for key in systems:
-        case.add(f"{key}: write p99 before the migration", before[key], "s")
-        case.add(f"{key}: write p99 during the migration (install to finish; QEMU: start to pivot)",
+        add_measured(case, f"{key}: write p99 before the migration", before[key], "s")
+        add_measured(case, f"{key}: write p99 during the migration (install to finish; QEMU: start to pivot)",
                  during[key], "s")
-        case.add(f"{key}: write p99 during the copy passes (QEMU: start to READY)", copying[key], "s")
-        case.add(f"{key}: p99 during the migration / p99 before", ratios[key], "ratio")
-        case.add(f"{key}: p99 during the copy passes / p99 before", copy_ratios[key], "ratio")
-        case.add(f"{key}: migration seconds", seconds[key], "s")
-    case.add("svmotion async: bytes overflowed to the copier (async.overflow_bytes)", overflow, "B")
+        add_measured(case, f"{key}: write p99 during the copy passes (QEMU: start to READY)", copying[key], "s")
+        add_measured(case, f"{key}: p99 during the migration / p99 before", ratios[key], "ratio")
+        add_measured(case, f"{key}: p99 during the copy passes / p99 before", copy_ratios[key], "ratio")
+        add_measured(case, f"{key}: migration seconds", seconds[key], "s")
+    add_measured(case, "svmotion async: bytes overflowed to the copier (async.overflow_bytes)", overflow, "B")
     for key in ours:
-        case.add(f"{key}: guest-visible wait flush_dest..finish", switch_waits[key], "s")
-        case.add(f"{key}: flush_dest seconds", flushes[key], "s")
-        case.add(f"{key}: switchover stun in the plugin", stuns[key], "s")
+        add_measured(case, f"{key}: guest-visible wait flush_dest..finish", switch_waits[key], "s")
+        add_measured(case, f"{key}: flush_dest seconds", flushes[key], "s")
+        add_measured(case, f"{key}: switchover stun in the plugin", stuns[key], "s")
     case.verdict("svmotion async: write p99 during the migration / before (median of the converged reps)",
-                 summarize(ratios["svmotion async"])["median"], 1.5, "lower", "ratio")
+                 # none finished: the guest's p99 over a migration that never ends is unbounded
+                 summarize(ratios["svmotion async"])["median"] if ratios["svmotion async"] else math.inf,
+                 1.5, "lower", "ratio")
     case.verdict("svmotion async: migrations finished (unthrottled)",
                  converged["svmotion async"] / acfg.slow_reps, 1.0, "higher", "%")
     for key in ours:
@@ -315,15 +325,15 @@ def case_quarter_rate(ctx: Context) -> Case:
             else:
                 qemu_missed += 1
                 case.notes.append(f"QEMU background: {run.stalled} (did not converge)")
-    case.add("guest write rate before the migration (svmotion runs)", rate_before, "B/s")
-    case.add("svmotion async: install to converged (dirty + pending within the stun budget)", converge, "s")
-    case.add("svmotion async: whole migration (install to finish)", total, "s")
-    case.add("svmotion async: guest write rate while throttled (first raise to converged)",
+    add_measured(case, "guest write rate before the migration (svmotion runs)", rate_before, "B/s")
+    add_measured(case, "svmotion async: install to converged (dirty + pending within the stun budget)", converge, "s")
+    add_measured(case, "svmotion async: whole migration (install to finish)", total, "s")
+    add_measured(case, "svmotion async: guest write rate while throttled (first raise to converged)",
              rate_throttled, "B/s")
-    case.add("svmotion async: throttle at the switchover (per guest update)", throttles, "s")
-    case.add("svmotion async: stalls the governor reported (runs)", [float(stalls)], "ratio")
-    case.add("QEMU background: start to READY (converged runs)", qemu_ready, "s")
-    case.add("QEMU background: guest write rate from start to READY or the timeout", qemu_rate, "B/s")
+    add_measured(case, "svmotion async: throttle at the switchover (per guest update)", throttles, "s")
+    add_measured(case, "svmotion async: stalls the governor reported (runs)", [float(stalls)], "ratio")
+    add_measured(case, "QEMU background: start to READY (converged runs)", qemu_ready, "s")
+    add_measured(case, "QEMU background: guest write rate from start to READY or the timeout", qemu_rate, "B/s")
     case.verdict("svmotion async: runs converged / runs",
                  len(converge) / acfg.quarter_reps, 1.0, "higher", "%")
     case.notes.append(f"QEMU background: {qemu_missed} of {acfg.quarter_reps} runs reached no READY "
