@@ -5,7 +5,8 @@ Design notes
   (tests/bench/) uses it so the harness cannot rot; its figures mean nothing.
 - `--cases 1,5` runs a subset (case 4 comes with case 3: one run measures both). The remote
   cases of issue 11 (cases_remote.py) have names: remote_bulk, remote_switchover,
-  remote_strategies, qemu_tls_anchor, remote_shaped (network namespaces: needs root).
+  remote_strategies, qemu_tls_anchor, remote_shaped (network namespaces: needs root); the
+  async mirror's of issue 12 (cases_async.py): async_slow_dest, async_quarter.
 - Work files live in a fresh directory under --workdir (default /var/tmp, a real disk, not
   tmpfs) and are removed at the end; every server is stopped by its PID.
 - SUMMARY.md holds only this run's figures and a reading generated from them (report.py);
@@ -27,10 +28,11 @@ import traceback
 
 from . import report
 from .cases import CASES as LOCAL_CASES, FULL, QUICK, Context
+from .cases_async import CASES as ASYNC_CASES
 from .cases_remote import CASES as REMOTE_CASES
 from .report import Case
 
-CASES = {**LOCAL_CASES, **REMOTE_CASES}
+CASES = {**LOCAL_CASES, **ASYNC_CASES, **REMOTE_CASES}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

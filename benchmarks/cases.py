@@ -12,6 +12,7 @@ Design notes
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import time
@@ -25,7 +26,7 @@ from .loadgen import LoadGen, Trace
 from .qemu_mirror import mirror_run
 from .report import Case
 from .stats import ratio, summarize
-from .svm import MirrorNodeDriver, Migration, Place
+from .svm import MirrorNodeDriver, Migration, NotConverged, Place
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 LOAD_RATE = 20_000_000  # 20 MB/s of 4 KiB random writes, the issue's paced load
@@ -100,14 +101,16 @@ class Context:
 
     @contextlib.contextmanager
     def mirror_node(self, work: str, disks: dict[str, str], vm: str = "vm1",
-                    files: dict[str, str] | None = None, extra: Sequence[str] = ()
+                    files: dict[str, str] | None = None, extra: Sequence[str] = (),
+                    control_timeout: float = 120.0
                     ) -> Iterator[tuple[procs.Service, MirrorNodeDriver, str]]:
-        """A running mirror node serving `disks` {name: path or URI}, its control driver, its NBD
-        socket; `files` are the files behind URIs, `extra` further plugin parameters."""
+        """A running mirror node serving `disks` {name: path or URI}, its control driver (each
+        call bounded by `control_timeout`), its NBD socket; `files` are the files behind URIs,
+        `extra` further plugin parameters."""
         sock, control = os.path.join(work, f"{vm}.nbd"), os.path.join(work, f"{vm}.ctl")
         node = procs.mirror_node(vm, list(disks.items()), sock, control, work, extra=extra)
         with node:
-            driver = MirrorNodeDriver(control, disks, files)
+            driver = MirrorNodeDriver(control, disks, files, timeout=control_timeout)
             try:
                 yield node, driver, sock
             finally:
@@ -346,6 +349,7 @@ def _strategy_rows(case: Case, n: int, load: str, results: dict[str, list[Migrat
 # --- cases 3 and 4 ------------------------------------------------------------------------------
 
 MIRROR_HOLD = 1.0
+CONVERGE_TIMEOUT = 120.0   # copy passes under a max-rate writer give up (abort) after this long
 
 
 def mirror_hold() -> tuple[float, float]:
@@ -355,66 +359,43 @@ def mirror_hold() -> tuple[float, float]:
     return start, time.monotonic()
 
 
+SVM_MODES = ("sync", "async")
+
+
 def case_during_copy(ctx: Context) -> tuple[Case, Case]:
-    """Guest throughput during the bulk copy (case 3) and copy amplification (case 4), one run."""
+    """Guest throughput during the bulk copy (case 3) and copy amplification (case 4), one run;
+    the mirror node in sync and in async mode, each rep interleaved with QEMU's two modes."""
     c3 = Case("3", "Guest throughput during the bulk copy",
-              "max-rate 4 KiB writes during the copy >= 60% of the rate before (sync mirror)")
+              "max-rate 4 KiB writes during the copy >= 60% of the rate before (sync mirror), "
+              ">= 75% (async mirror)")
     c4 = Case("4", "Copy amplification",
-              "bytes written to the destination / disk size <= 1.05x under max-rate writes")
+              "bytes written to the destination / disk size <= 1.05x under max-rate writes "
+              "(sync and async mirror)")
     cfg = ctx.cfg
     size = cfg.during_disk
-    frac: dict[str, list[float]] = {"svmotion sync": [], "QEMU background": [], "QEMU write-blocking": []}
-    mirrored: list[float] = []  # guest rate on the copied mirror with no copy running / before
+    ours = [f"svmotion {mode}" for mode in SVM_MODES]
+    frac: dict[str, list[float]] = {k: [] for k in (*ours, "QEMU background", "QEMU write-blocking")}
+    mirrored: dict[str, list[float]] = {k: [] for k in ours}  # copied mirror, no copy running / before
     before: dict[str, list[float]] = {k: [] for k in frac}
     during: dict[str, list[float]] = {k: [] for k in frac}
-    amp: dict[str, list[float]] = {"svmotion sync, at switchover": [], "svmotion sync, copier only": [],
-                                   "svmotion sync, nbdkit wchar cross-check": [],
-                                   "QEMU background, at READY": [], "QEMU background, at pivot": [],
-                                   "QEMU write-blocking, at READY": [], "QEMU write-blocking, at pivot": []}
-    copy_seconds: list[float] = []
+    amp: dict[str, list[float]] = {}
+    for key in ours:
+        for what in ("at switchover", "copier only", "nbdkit wchar cross-check"):
+            amp[f"{key}, {what}"] = []
+    for what in ("guest writes sent behind the copier (async.sent_bytes)",
+                 "overflowed to the copier (async.overflow_bytes)"):
+        amp[f"svmotion async, {what}"] = []
+    for key in ("QEMU background", "QEMU write-blocking"):
+        amp[f"{key}, at READY"], amp[f"{key}, at pivot"] = [], []
+    copy_seconds: dict[str, list[float]] = {k: [] for k in ours}
     with ctx.workdir("case3") as work:
         source = images.make_dense(os.path.join(work, "disk0.raw"), size)
         for _ in range(cfg.during_reps):
-            # svmotion: migrate under a max-rate writer.
-            with ctx.mirror_node(work, {"disk0": source}) as (node, drv, sock):
-                c3.command(node.command)
-                lg = LoadGen([procs.nbd_uri(sock, "disk0")], os.path.join(work, "load"), rate=0)
-                c3.command(lg.command)
-                hold: list[float] = []
-                with lg:
-                    time.sleep(cfg.pre_seconds)
-                    w0, t0 = procs.written_chars(node.pid), time.monotonic()
-                    m = drv.migrate(keep_old=True)
-                    w1, t1 = procs.written_chars(node.pid), time.monotonic()
-                    # A second migration that waits on the copied mirror: the mirror's own cost.
-                    drv.migrate(keep_old=True, after_copy=lambda: hold.extend(mirror_hold()))
-                    trace = lg.stop()
-            start = trace.meta["start"] + 0.3
-            b = trace.throughput(start, m.started)
-            d = trace.throughput(m.copy_started, m.copy_done)
-            before["svmotion sync"].append(b)
-            during["svmotion sync"].append(d)
-            frac["svmotion sync"].append(ratio(d, b))
-            mirrored.append(ratio(trace.throughput(*hold), b))
-            copy_seconds.append(m.copy_seconds)
-            disk = m.disks_before_switch["disk0"]
-            dest_bytes = disk["dest_written_bytes"] + m.final_bytes
-            amp["svmotion sync, at switchover"].append(dest_bytes / size)
-            amp["svmotion sync, copier only"].append(
-                (sum(disk["copied_bytes"].values()) + m.final_bytes) / size)
-            # wchar counts the guest's source writes, mirrored writes and copy_file_range alike;
-            # take the guest's bytes (until switchover) away. After switchover writes go to the
-            # destination only, so they are the guest's own, not amplification.
-            guest = trace.completed_bytes(t0, t1)
-            amp["svmotion sync, nbdkit wchar cross-check"].append((w1 - w0 - guest) / size)
-            source = drv.paths["disk0"]
-            c4.command("svmotion: DiskStatus.dest_written_bytes before the switchover stun "
-                       "+ switchover final_bytes; cross-check: /proc/PID/io wchar of nbdkit "
-                       "minus the guest's completed bytes")
-            for path in os.listdir(work):
-                full = os.path.join(work, path)
-                if path.endswith(".raw") and full != source:
-                    os.unlink(full)
+            for mode in SVM_MODES:
+                key = f"svmotion {mode}"
+                source = _migrate_under_max_rate(ctx, work, source, mode, c3, c4, size,
+                                                 before[key], during[key], frac[key], mirrored[key],
+                                                 copy_seconds[key], amp)
             for mode in ("background", "write-blocking"):
                 run = mirror_run(work, source, size, mode, 0, pre_seconds=cfg.pre_seconds)
                 c3.command(run.command)
@@ -436,22 +417,127 @@ def case_during_copy(ctx: Context) -> tuple[Case, Case]:
         c3.add(f"{key}: guest write rate before the migration", before[key], "B/s")
         c3.add(f"{key}: guest write rate during the copy", during[key], "B/s")
         c3.add(f"{key}: during / before", frac[key], "%")
-    c3.add(f"svmotion sync, copied mirror, no copy running ({MIRROR_HOLD:g} s): rate / before",
-           mirrored, "%")
-    c3.add("svmotion bulk copy seconds under max-rate writes", copy_seconds, "s")
+    for key in ours:
+        c3.add(f"{key}, copied mirror, no copy running ({MIRROR_HOLD:g} s): rate / before",
+               mirrored[key], "%")
+        c3.add(f"{key}: bulk copy seconds under max-rate writes", copy_seconds[key], "s")
     c3.verdict("svmotion sync: guest rate during copy / before (median)",
                summarize(frac["svmotion sync"])["median"], 0.60, "higher", "%")
+    c3.verdict("svmotion async: guest rate during copy / before (median)",
+               summarize(frac["svmotion async"])["median"], 0.75, "higher", "%")
     for key, samples in amp.items():
         c4.add(key, samples, "ratio")
-    c4.verdict("svmotion sync: destination bytes / disk size at switchover (median)",
-               summarize(amp["svmotion sync, at switchover"])["median"], 1.05, "lower", "ratio")
+    for key in ours:
+        c4.verdict(f"{key}: destination bytes / disk size at switchover (median)",
+                   summarize(amp[f"{key}, at switchover"])["median"], 1.05, "lower", "ratio")
+    c4.notes.append(_async_excess(amp, during["svmotion async"], copy_seconds["svmotion async"], size))
     c3.notes.append("Each svmotion run migrates twice under the same writer; the second migration "
                     f"waits {MIRROR_HOLD:g} s on the copied mirror before flush_dest, which gives "
-                    "the 'no copy running' row (the mirror's own cost, without the copier).")
+                    "the 'no copy running' row (the mirror's own cost, without the copier). "
+                    "Per repetition: svmotion sync, svmotion async, QEMU background, QEMU write-blocking.")
     c4.notes.append("'at switchover' counts every byte written to the destination: the copier's "
                     "and the guest's own writes mirrored to already-copied chunks. 'copier only' "
-                    "leaves out the mirrored guest writes, which any synchronous mirror must make.")
+                    "leaves out the mirrored guest writes, which any synchronous mirror must make. "
+                    "Async: 'sent behind the copier' are the guest's writes to copied chunks that "
+                    "the sender carried; 'overflowed' are writes past the sender's bound, whose "
+                    "chunks the copier carried again (counted in 'copier only').")
     return c3, c4
+
+
+def _async_excess(amp: dict[str, list[float]], during: list[float], copy_seconds: list[float],
+                  size: int) -> str:
+    """What the async mirror's bytes above one copy are made of (medians), beside what any mirror
+    that keeps the guest's rate must send: its writes into chunks already copied, about half of
+    what it writes during the copy (on average half the disk is copied); migrations that did not
+    converge (copy seconds inf) have no switchover and are left out."""
+    def med(key: str) -> float:
+        return summarize(amp[f"svmotion async, {key}"])["median"]
+
+    kept = summarize([d * t / 2 / size for d, t in zip(during, copy_seconds) if math.isfinite(t)])["median"]
+    return (f"svmotion async, medians: {med('at switchover') - 1:.3f}x above one copy; the guest's "
+            f"writes sent behind the copier {med('guest writes sent behind the copier (async.sent_bytes)'):.3f}x, "
+            f"the copier's re-copies {med('copier only') - 1:.3f}x (chunks dirtied by "
+            f"{med('overflowed to the copier (async.overflow_bytes)'):.3f}x of overflowed writes: a "
+            f"4 KiB write past the sender's bound costs its 64 KiB chunk). Guest rate during the copy x "
+            f"copy seconds / 2 / disk size = {kept:.3f}x: what reaching copied chunks costs at the "
+            "rate the guest kept, whichever mirror carries it.")
+
+
+def _migrate_under_max_rate(ctx: Context, work: str, source: str, mode: str, c3: Case, c4: Case,
+                            size: int, before: list[float], during: list[float], frac: list[float],
+                            mirrored: list[float], copy_seconds: list[float],
+                            amp: dict[str, list[float]]) -> str:
+    """One svmotion repetition of cases 3 and 4 in `mode`: migrate under a max-rate writer, then
+    migrate again holding on the copied mirror; the samples go to the lists given. Returns the
+    disk's file afterwards (the next repetition's source)."""
+    key = f"svmotion {mode}"
+    with ctx.mirror_node(work, {"disk0": source}) as (node, drv, sock):
+        c3.command(node.command)
+        lg = LoadGen([procs.nbd_uri(sock, "disk0")], os.path.join(work, "load"), rate=0)
+        c3.command(lg.command)
+        hold: list[float] = []
+        unconverged: Migration | None = None
+        with lg:
+            time.sleep(ctx.cfg.pre_seconds)
+            w0, t0 = procs.written_chars(node.pid), time.monotonic()
+            try:
+                m = drv.migrate(mode=mode, keep_old=True, converge_timeout=CONVERGE_TIMEOUT)
+                w1, t1 = procs.written_chars(node.pid), time.monotonic()
+                # A second migration that waits on the copied mirror: the mirror's own cost.
+                drv.migrate(mode=mode, keep_old=True, after_copy=lambda: hold.extend(mirror_hold()),
+                            converge_timeout=CONVERGE_TIMEOUT)
+            except NotConverged as err:
+                unconverged = err.migration
+                c3.notes.append(f"{key}: {err}")
+            trace = lg.stop()
+    if unconverged is not None:
+        # The copy passes' rate still counts for case 3; case 4 has no switchover to count at.
+        b = trace.throughput(trace.meta["start"] + 0.3, unconverged.started)
+        d = trace.throughput(unconverged.copy_started, unconverged.copy_done)
+        before.append(b)
+        during.append(d)
+        frac.append(ratio(d, b))
+        copy_seconds.append(math.inf)
+        c4.notes.append(f"{key}: a migration did not converge within {CONVERGE_TIMEOUT:.0f} s "
+                        "(no switchover, not counted)")
+        return _keep_only(work, drv.paths["disk0"])
+    c3.command(f"per migration (control socket): install_mirror mode={mode}; copy kind=bulk; "
+               "dirty passes while dirty + async pending bytes exceed 50 ms of copying; "
+               "flush_dest; switchover; finish")
+    b = trace.throughput(trace.meta["start"] + 0.3, m.started)
+    d = trace.throughput(m.copy_started, m.copy_done)
+    before.append(b)
+    during.append(d)
+    frac.append(ratio(d, b))
+    mirrored.append(ratio(trace.throughput(*hold), b))
+    copy_seconds.append(m.copy_seconds)
+    disk = m.disks_before_switch["disk0"]
+    amp[f"{key}, at switchover"].append((disk["dest_written_bytes"] + m.final_bytes) / size)
+    amp[f"{key}, copier only"].append((sum(disk["copied_bytes"].values()) + m.final_bytes) / size)
+    if mode == "async":
+        sends = disk["async"]
+        amp["svmotion async, guest writes sent behind the copier (async.sent_bytes)"].append(
+            sends["sent_bytes"] / size)
+        amp["svmotion async, overflowed to the copier (async.overflow_bytes)"].append(
+            sends["overflow_bytes"] / size)
+    # wchar counts the guest's source writes, mirrored writes and copy_file_range alike;
+    # take the guest's bytes (until switchover) away. After switchover writes go to the
+    # destination only, so they are the guest's own, not amplification.
+    guest = trace.completed_bytes(t0, t1)
+    amp[f"{key}, nbdkit wchar cross-check"].append((w1 - w0 - guest) / size)
+    c4.command("svmotion: DiskStatus.dest_written_bytes before the switchover stun "
+               "+ switchover final_bytes (async: its sent_bytes and overflow_bytes beside); "
+               "cross-check: /proc/PID/io wchar of nbdkit minus the guest's completed bytes")
+    return _keep_only(work, drv.paths["disk0"])
+
+
+def _keep_only(work: str, current: str) -> str:
+    """Delete every image in `work` but `current` (earlier sources, aborted destinations); return it."""
+    for path in os.listdir(work):
+        full = os.path.join(work, path)
+        if path.endswith(".raw") and full != current:
+            os.unlink(full)
+    return current
 
 
 # --- case 5 -------------------------------------------------------------------------------------

@@ -169,10 +169,13 @@ def nbd_uri(socket_path: str, export: str = "") -> str:
     return f"nbd+unix:///{export}?socket={socket_path}"
 
 
-def nbdkit_file(image: str, sock: str, log_dir: str, name: str = "nbdkit-file") -> Service:
-    """nbdkit's own C `file` plugin serving `image`: the passthrough baseline."""
+def nbdkit_file(image: str, sock: str, log_dir: str, name: str = "nbdkit-file",
+                filters: Sequence[str] = (), params: Sequence[str] = ()) -> Service:
+    """nbdkit's own C `file` plugin serving `image`: the passthrough baseline; with `filters`
+    and their `params` (KEY=VALUE), a slowed destination (delay, rate)."""
     argv = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", sock,
-            "--threads", str(NBDKIT_THREADS), "file", image]
+            "--threads", str(NBDKIT_THREADS), *(f"--filter={f}" for f in filters),
+            "file", image, *params]
     return Service(name, argv, sock, log_dir)
 
 
@@ -240,6 +243,11 @@ def qemu_storage_daemon(source: str, target: Sequence[str], sock: str, qmp: str,
 def qemu_file_target(path: str) -> list[str]:
     """The mirror's target node on a local raw file, opened as the source is."""
     return ["--blockdev", f"driver=file,node-name=tgt,filename={path},aio=threads"]
+
+
+def qemu_nbd_unix_target(sock: str) -> list[str]:
+    """The mirror's target node on an NBD export on a Unix socket (its default export)."""
+    return ["--blockdev", f"driver=nbd,node-name=tgt,server.type=unix,server.path={sock}"]
 
 
 def qemu_nbd_tls_target(port: int, export: str, certificates: str) -> list[str]:

@@ -69,21 +69,23 @@ def mirror_run(work: str, source: str, size: int, mode: str, load_rate: float | 
                pre_seconds: float = 1.5, ready_seconds: float = 0.5,
                loadgen_span: int = 0, tls: Pki | None = None, export: Export | None = None,
                ready_timeout: float = READY_TIMEOUT, pivot_timeout: float = PIVOT_TIMEOUT,
-               after_seconds: float = 0.2) -> QemuMirrorRun:
+               after_seconds: float = 0.2, target_node: list[str] | None = None) -> QemuMirrorRun:
     """Mirror `source` to a fresh target under an optional guest load (None = idle, 0 = max rate);
     with `tls`, the target is another daemon's NBD export over TLS (module notes), or a file
-    behind `export` when one is given. The load runs on for `after_seconds` after the pivot (the
-    guest served from the target)."""
+    behind `export` when one is given; `target_node` is a target the caller made and serves
+    (qemu_nbd_unix_target: a slowed destination), its target bytes then not counted. The load
+    runs on for `after_seconds` after the pivot (the guest served from the target)."""
     target = os.path.join(export.directory if export else work, "qemu-target.raw")
-    images.make_empty(target, size)
+    if target_node is None:
+        images.make_empty(target, size)
     sock, qmp_path = os.path.join(work, "qsd.sock"), os.path.join(work, "qsd.qmp")
     run = QemuMirrorRun(mode, size)
     server: procs.Service | None = None
-    if tls is None:
+    if target_node is None and tls is None:
         target_node = procs.qemu_file_target(target)
-    elif export is not None:
+    elif target_node is None and export is not None:
         target_node = procs.qemu_nbd_tls_target(export.port, os.path.basename(target), tls.client)
-    else:
+    elif target_node is None:
         server, port = procs.start_on_free_port(
             lambda p: procs.qemu_tls_nbd_server(target, p, tls.server, work))
         target_node = procs.qemu_nbd_tls_target(port, "disk0", tls.client)

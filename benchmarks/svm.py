@@ -20,17 +20,21 @@ Design notes
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from agent.jsonlines import JsonLinesClient
+from agent.phases import remaining_bytes
 
 from . import images
 
 POLL = 0.02
 LEASE = 2.0
+
+Poll = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -97,16 +101,27 @@ class Migration:
         return self.finished - self.started
 
 
+class NotConverged(RuntimeError):
+    """The copy passes did not bring what remains within the stun budget in time (aborted);
+    `migration` holds the timings so far (copy_done: when it gave up)."""
+
+    def __init__(self, message: str, migration: "Migration"):
+        super().__init__(message)
+        self.migration = migration
+
+
 class MirrorNodeDriver:
     """A control connection to one VM's mirror node and the migrations run through it."""
 
-    def __init__(self, control: str, disks: dict[str, str], files: dict[str, str] | None = None):
+    def __init__(self, control: str, disks: dict[str, str], files: dict[str, str] | None = None,
+                 timeout: float = 120.0):
         """`disks` {name: path or URI} as the mirror node serves them; `files` the files behind
-        URIs (by default the disks are local files)."""
-        self.client = JsonLinesClient(control, timeout=120.0)
+        URIs (by default the disks are local files); `timeout` bounds every control call."""
+        self.client = JsonLinesClient(control, timeout=timeout)
         self.paths = dict(disks)  # disk name -> current location (source of the next migration)
         self.files = dict(files if files is not None else disks)  # disk name -> its file
         self.generation = 0
+        self.last: Migration | None = None   # the latest migration begun, even one that failed
 
     def status(self) -> dict[str, Any]:
         return self.client.call("status")
@@ -134,11 +149,18 @@ class MirrorNodeDriver:
             timing = self.unstun(stun_id, t0)
         return timing
 
-    def wait_copy(self, timeout: float) -> dict[str, Any]:
-        """Poll until no disk is copying; return the last status."""
+    def mirror_set(self, **changes: Any) -> dict[str, Any]:
+        """Change the running mirror of every disk (mode, throttle, rate), no stun. The disk is
+        left out rather than sent as null: the plugin refuses an explicit null."""
+        return self.client.call("mirror_set", **changes)
+
+    def wait_copy(self, timeout: float, on_poll: Poll | None = None) -> dict[str, Any]:
+        """Poll until no disk is copying; return the last status. `on_poll` sees every status."""
         deadline = time.monotonic() + timeout
         while True:
             status = self.status()
+            if on_poll is not None:
+                on_poll(status)
             jobs = [d["copy"] for d in status["disks"].values() if d.get("copy")]
             errors = [j["error"] for j in jobs if j.get("error")]
             if errors:
@@ -150,9 +172,9 @@ class MirrorNodeDriver:
                 raise RuntimeError(f"copy did not finish within {timeout:.0f}s")
             time.sleep(POLL)
 
-    def copy(self, kind: str, rate: int, timeout: float) -> dict[str, Any]:
+    def copy(self, kind: str, rate: int, timeout: float, on_poll: Poll | None = None) -> dict[str, Any]:
         self.client.call("copy", kind=kind, rate=rate)
-        return self.wait_copy(timeout)
+        return self.wait_copy(timeout, on_poll)
 
     def next_dests(self, place: Place | None = None) -> dict[str, Dest]:
         """Fresh destinations, created at the right size: in `place`, else beside each disk's file."""
@@ -174,35 +196,61 @@ class MirrorNodeDriver:
                 max_dirty_passes: int = 20, keep_old: bool = False,
                 after_install: Callable[[], None] | None = None,
                 after_copy: Callable[[], None] | None = None,
-                place: Place | None = None, dests: dict[str, Dest] | None = None) -> Migration:
+                place: Place | None = None, dests: dict[str, Dest] | None = None,
+                on_poll: Poll | None = None, converge_timeout: float | None = None,
+                copy_rate: float | None = None) -> Migration:
         """One full migration of every disk to fresh files (in `place`, or the given `dests`);
-        the old files are deleted afterwards.
+        the old files are deleted afterwards. `mode`: sync, async or dirty (the mirror's mode);
+        `on_poll` sees every status polled during the copy passes (a convergence rule there
+        may call `mirror_set`); past `converge_timeout` seconds of copying the migration is
+        aborted back to the source and NotConverged raised. `copy_rate` turns the stun budget
+        into bytes (default: the rate the bulk copy achieved).
 
         `after_install` runs once the mirror is installed and before the copy (case 8 reads the
         plugin's memory there); `after_copy` once the copy passes are done, before flush_dest
         (case 3 measures the guest on a mirror with no copy running there)."""
-        m = Migration(strategy, mode, started=time.monotonic())
+        m = self.last = Migration(strategy, mode, started=time.monotonic())
         if dests is None:
             dests = self.next_dests(place)
         m.install = self.install(strategy, mode, granularity, {n: d.location for n, d in dests.items()})
         if after_install is not None:
             after_install()
         m.copy_started = time.monotonic()
-        status = self.copy("bulk", rate, copy_timeout)
+        status = self.copy("bulk", rate, copy_timeout, on_poll)
         m.passes = 1
-        # Dirty passes (the dirty-tracking mode, or chunks a destination error re-dirtied) until
-        # what is left would copy inside the stun budget at the rate the bulk copy achieved.
-        copy_rate = max(1.0, sum(d["copy"]["rate_bps"] for d in status["disks"].values() if d.get("copy")))
-        while (sum(d["dirty_bytes"] for d in status["disks"].values()) / copy_rate > stun_budget
-               and m.passes < max_dirty_passes):
-            status = self.copy("dirty", rate, copy_timeout)
-            m.passes += 1
-        m.copy_done = time.monotonic()
-        if after_copy is not None:
-            after_copy()
-        m.flush_sent = time.monotonic()
-        m.flush_seconds = self.client.call("flush_dest")["seconds"]
-        m.disks_before_switch = self.status()["disks"]
+        # Dirty passes (the dirty-tracking mode, async overflow, or chunks a destination error
+        # re-dirtied) until what is left would copy inside the stun budget at the rate the bulk
+        # copy achieved, or the one given.
+        if copy_rate is None:
+            copy_rate = max(1.0, sum(d["copy"]["rate_bps"] for d in status["disks"].values() if d.get("copy")))
+        give_up = m.copy_started + (converge_timeout or math.inf)
+        while True:
+            while remaining_bytes(status) / copy_rate > stun_budget and m.passes < max_dirty_passes:
+                if time.monotonic() > give_up:
+                    m.copy_done = time.monotonic()
+                    self.abort()
+                    raise NotConverged(f"what the destinations lack ({remaining_bytes(status)} bytes) "
+                                       f"did not fit the stun budget within {converge_timeout:.0f} s; "
+                                       "aborted", m)
+                status = self.copy("dirty", rate, copy_timeout, on_poll)
+                m.passes += 1
+            m.copy_done = time.monotonic()
+            if after_copy is not None and not m.flush_sent:
+                after_copy()
+            m.flush_sent = time.monotonic()
+            m.flush_seconds = self.client.call("flush_dest")["seconds"]
+            status = self.status()
+            if mode == "async" and remaining_bytes(status) / copy_rate > stun_budget:
+                # The agent's async end-game (agent/phases.py): sync when the queue the guest
+                # refilled during flush_dest is over the budget, then flush_dest once more.
+                self.mirror_set(mode="sync")
+                m.flush_seconds += self.client.call("flush_dest")["seconds"]
+                status = self.status()
+            m.disks_before_switch = status["disks"]
+            # An async mirror's flush_dest waits for its sends while the guest goes on: what it
+            # left may again exceed the budget, and then more passes come first.
+            if remaining_bytes(status) / copy_rate <= stun_budget or m.passes >= max_dirty_passes:
+                break
         stun_id, t0 = self.stun("switchover")
         try:
             reply = self.client.call("switchover", stun_id=stun_id, reopen=strategy == "legacy")
