@@ -277,8 +277,9 @@ def case_slow_dest(ctx: Context) -> Case:
                       "svmotion sync, QEMU write-blocking, each with a fresh delayed destination. No throttle: "
                       "what is measured is the async mirror's own cost to the guest; a migration "
                       f"that does not converge within {acfg.converge_timeout:.0f} s is aborted and noted. "
-                      "The async mirror turns sync before flush_dest (the agent's end-game), so from "
-                      "there to finish the guest waits for the destination as under sync.")
+                      "The async mirror turns sync only when what remains after flush_dest is over "
+                      "the stun budget (the agent's end-game), and then from there to finish the "
+                      "guest waits for the destination as under sync.")
     return case
 
 
