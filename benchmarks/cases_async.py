@@ -66,7 +66,7 @@ CONFIGS = {
                         pre_seconds=3.0, converge_timeout=60.0, qemu_ready_timeout=60.0,
                         throttle_bound=0.1),
     "quick": AsyncConfig(slow_disk=16 * MiB, slow_reps=1, quarter_disk=8 * MiB, quarter_reps=1,
-                         pre_seconds=0.5, converge_timeout=60.0, qemu_ready_timeout=5.0,
+                         pre_seconds=0.5, converge_timeout=10.0, qemu_ready_timeout=5.0,
                          throttle_bound=0.1),
 }
 

@@ -101,11 +101,12 @@ def test_loadgen_counts_a_server_stall_from_the_due_time(short_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)   # every case once: about 3 min idle, over 5 beside a suite and two CPU hogs
 def test_quick_run_produces_every_case(short_dir, tmp_path):
     out = tmp_path / "bench"
     result = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out),
                              "--workdir", short_dir], cwd=ROOT, capture_output=True, text=True,
-                            timeout=480)
+                            timeout=840)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     cases = {c["id"]: c for c in data["cases"]}
