@@ -54,11 +54,25 @@ def cli_argv(agent_socket: Path, *args: str) -> list[str]:
     return [PYTHON, "-m", "agent.cli", "--agent-socket", str(agent_socket), *args]
 
 
+def free_tcp_ports(count: int) -> list[int]:
+    """`count` different loopback TCP ports nobody listens on right now.
+
+    All are held bound until the last is picked: a port picked and released at once may come
+    back from the next pick (it did, and an agent refused the same port for API and NBD).
+    """
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_tcp_port() -> int:
     """A loopback TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_tcp_ports(1)[0]
 
 
 @dataclass

@@ -44,6 +44,7 @@ from agent.jsonlines import JsonLinesClient  # noqa: E402
 from svlab.writer import PATTERN, fill_pattern_image  # noqa: E402
 
 import nbdremote  # noqa: E402  (tests/, on sys.path as pytest's rootdir conftest)
+from agentproc import free_tcp_port  # noqa: E402
 
 if TYPE_CHECKING:
     from svlab.netns import Lab   # imported where used: pyroute2 costs every test run 0.2 s
@@ -370,7 +371,7 @@ def start_nbd_server(sock_dir: Path, tmp_path: Path, processes: Processes,
                 where: Path | int = sock_dir / f"remote-{count[0]}.nbd"
                 listen, ready = ["--unix", str(where)], (lambda w=where: socket_answers(w))
             else:
-                where = nbdremote.free_port()
+                where = free_tcp_port()
                 listen, ready = ["-i", "127.0.0.1", "-p", str(where)], (lambda w=where: nbdremote.tcp_answers(w))
             proc = processes.spawn(nbdremote.server_command(plugin, listen=listen, tls=tls, pki=pki), log=log)
             if nbdremote.wait_ready(proc, ready, log):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from agentproc import free_tcp_port
+from agentproc import free_tcp_ports
 
 from svlab import lab as guest_lab
 from svlab import nspawn
@@ -55,7 +55,8 @@ def machines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, nsp
 
 @pytest.fixture(scope="module")
 def settings() -> dict[str, str]:
-    ports = {name: str(free_tcp_port()) for name in ("METRICS_PORT", "AGENT_PORT", "NBD_PORT", "PROMETHEUS_PORT")}
+    names = ("METRICS_PORT", "AGENT_PORT", "NBD_PORT", "PROMETHEUS_PORT")
+    ports = {name: str(port) for name, port in zip(names, free_tcp_ports(len(names)))}
     return {"SRC_ADDR": ADDRESSES["src"], "DST_ADDR": ADDRESSES["dst"], "MON_ADDR": ADDRESSES["mon"], **ports}
 
 

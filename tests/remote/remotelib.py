@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ContextManager
 
-from agentproc import PYTHON, ROOT, AgentPool, AgentProcess, free_tcp_port
+from agentproc import PYTHON, ROOT, AgentPool, AgentProcess, free_tcp_ports
 
 from agent.config import TlsConfig
 from svlab.netns import Host, host_address
@@ -131,7 +131,7 @@ def make_datastore_host(pool: AgentPool, root: Path, pki: Pki, name: str = "b",
     if datastore is None:
         datastore = root / f"{name}-ds1"
         datastore.mkdir()
-    api_port, nbd_port = free_tcp_port(), free_tcp_port()    # free here, and surely on a fresh lab host
+    api_port, nbd_port = free_tcp_ports(2)    # free here, and surely on a fresh lab host
     address = on.address if on else "127.0.0.1"
     host = DatastoreHost(root=root, state=pool.state_dir("svr-"), disks={}, config=root / f"{name}.toml",
                          metrics="", datastore=datastore, api_port=api_port, nbd_port=nbd_port, pki=pki,

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from agentproc import PYTHON, ROOT, free_tcp_port
+from agentproc import PYTHON, ROOT, free_tcp_ports
 from remotelib import Pki
 
 from agent.config import is_loopback, load_config
@@ -109,8 +109,8 @@ def test_is_loopback(address: str, loopback: bool) -> None:
 @pytest.mark.parametrize("listener", ["agent", "nbd", "vm"])
 def test_the_agent_refuses_a_network_listener_without_tls_at_start(tmp_path: Path, pki: Pki, listener: str) -> None:
     """Exit 7 with one line, before anything listens: the port stays free and no state is made."""
-    port = free_tcp_port()
-    agent = {"agent": f'listen = "0.0.0.0:{port}"\nnbd_listen = "127.0.0.1:{free_tcp_port()}"\n',
+    port, other = free_tcp_ports(2)
+    agent = {"agent": f'listen = "0.0.0.0:{port}"\nnbd_listen = "127.0.0.1:{other}"\n',
              "nbd": f'nbd_listen = "0.0.0.0:{port}"\n',
              "vm": "\n"}[listener]
     vm = VM.format(listen=f"0.0.0.0:{port}") if listener == "vm" else ""
@@ -134,7 +134,8 @@ def test_a_key_that_is_not_the_certificates_is_refused_at_start(tmp_path: Path, 
         source = pki.client / f.name if f.name == "server-key.pem" else f   # another host's key
         (mixed / f.name).write_bytes(source.read_bytes())
         os.chmod(mixed / f.name, 0o600)
-    agent = f'listen = "127.0.0.1:{free_tcp_port()}"\nnbd_listen = "127.0.0.1:{free_tcp_port()}"\n'
+    api, nbd = free_tcp_ports(2)
+    agent = f'listen = "127.0.0.1:{api}"\nnbd_listen = "127.0.0.1:{nbd}"\n'
     config = host_config(tmp_path, pki, agent=agent, tls=f'[tls]\ndir = "{mixed}"\n')
     done = subprocess.run([PYTHON, "-m", "agent.cli", "agent", "--config", config], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
