@@ -139,7 +139,7 @@ def kernel_agent(tmp_path: Path) -> Iterator[Callable[..., KernelAgent]]:
 class AttachState:
     """The test's own attach state directory, and what to check it left nothing behind."""
     path: Path
-    fuse_pids: set[int] = field(default_factory=set)
+    fuse: dict[int, str] = field(default_factory=dict)     # an nbdfuse's PID -> its mount point
 
     def attach_cli(self, vm: str, disk: str, *extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([PYTHON, "-m", "agent.cli", "attach", vm, disk, "--state-dir", str(self.path),
@@ -150,13 +150,20 @@ class AttachState:
                                *extra], cwd=ROOT, capture_output=True, text=True, timeout=60)
 
     def remember(self) -> None:
-        self.fuse_pids |= {a.fuse_pid for a in attach_mod.attachments(str(self.path)) if a.fuse_pid}
+        self.fuse |= {a.fuse_pid: str(self.path / f"{a.vm}.{a.disk}" / "fuse")
+                      for a in attach_mod.attachments(str(self.path)) if a.fuse_pid}
+
+    def sweep(self) -> None:
+        """Stop every nbdfuse remembered and clear its mount: a detach that failed half-way (its loop
+        outlived the wait) leaves both, and the mount would outlive the test."""
+        for pid, mount in self.fuse.items():
+            attach_mod.stop_nbdfuse(pid, mount)
 
     def leftovers(self) -> list[str]:
         """Anything of ours the kernel or the process table still holds."""
         left = [f"loop {dev} on {backing}" for dev, backing in attach_mod.loop_backing_files().items()
                 if backing.startswith(str(self.path))]
-        left += [f"nbdfuse pid {pid}" for pid in self.fuse_pids if attach_mod.pid_alive(pid)]
+        left += [f"nbdfuse pid {pid}" for pid in self.fuse if attach_mod.pid_alive(pid)]
         with open("/proc/self/mountinfo") as f:
             left += [f"mount {line.split()[4]}" for line in f if line.split()[4].startswith(str(self.path))]
         left += [f"state {p.name}" for p in self.path.glob("*") if p.name != ".lock"]
@@ -177,6 +184,7 @@ def attach_state() -> Iterator[AttachState]:
                     subprocess.run(["umount", where], capture_output=True)
             with contextlib.suppress(Exception):
                 attach_mod.detach(att.device, str(state.path))
+        state.sweep()
         shutil.rmtree(state.path, ignore_errors=True)
 
 
