@@ -21,6 +21,7 @@ EXIT_FAILED = 5        # migration failed; the workload runs on its intact sourc
 EXIT_ABORTED = 6       # migration aborted; the workload runs on its intact source
 EXIT_CONFIG = 7        # bad configuration file (agent)
 EXIT_VERIFY = 8        # verification failed: the sides differ or could not be compared
+EXIT_LAB = 9           # svmotion lab: the lab could not be brought up or down (the line names the log)
 
 EXIT_BY_RESULT = {"success": EXIT_OK, "failed": EXIT_FAILED, "aborted": EXIT_ABORTED}
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from svlab import lab as guest_lab
-from agent.errors import Refused, SvmotionError
+from agent.errors import EXIT_LAB, Refused, SvmotionError
 from agent.jsonlines import JsonLinesClient, RemoteError
 from svlab.netns import Host, Lab, LabError
 from agent.supervisor import process_start_time
@@ -57,7 +57,10 @@ STOP_S = 200.0             # the supervisor's stop: the guest's last check, then
 
 
 class LabFailed(SvmotionError):
-    """The lab could not be brought up or down (exit 1), with the log that says why."""
+    """The lab could not be brought up or down (exit 9): one line, naming the log that says why."""
+
+    def __init__(self, message: str):
+        super().__init__(message, EXIT_LAB)
 
 
 @dataclass
@@ -135,8 +138,9 @@ class NsLab:
         with open(logs / f"provision-{role}.log", "a") as log:
             log.write(done.stdout + done.stderr)
         if done.returncode != 0:
-            raise LabFailed(f"provisioning {role} failed (exit {done.returncode}): "
-                            f"{(done.stdout + done.stderr).strip()[-2000:]}")
+            last = (done.stdout + done.stderr).strip().splitlines() or [""]
+            raise LabFailed(f"provisioning {role} failed (exit {done.returncode}): {last[-1]}; "
+                            f"see {logs}/provision-{role}.log")
         return done.stdout
 
     def migrate_step(self, step: str, name: str, *options: str) -> int:
@@ -201,8 +205,7 @@ class NsLab:
             raise LabFailed(f"waiting for {what}: the supervisor exited; see {self.dir}/logs/supervisor.log")
         for name, rec in self.units().items():
             if rec.get("last_exit") not in (None, 0) and rec.get("pid") is None:
-                tail = Path(rec["log"]).read_text(errors="replace")[-1500:] if Path(rec["log"]).exists() else ""
-                raise LabFailed(f"waiting for {what}: {name} exited with {rec['last_exit']}:\n{tail}")
+                raise LabFailed(f"waiting for {what}: {name} exited with {rec['last_exit']}; see {rec['log']}")
 
     def summary(self) -> str:
         """Where everything is, and what to run (printed by `svmotion lab up` and `status`)."""
@@ -253,13 +256,22 @@ def up(labdir: Path, guest_cache: Path | None = None, progress: Callable[[str], 
         progress("starting the units: dst agent, src agent, guest, Prometheus")
         ns.start_supervisor()
         ns.wait_ready()
+    except (OSError, subprocess.TimeoutExpired) as err:
+        _remove_half_made(labdir, progress)
+        what = f"{err.strerror}: {err.filename}" if getattr(err, "filename", None) else str(err)
+        raise LabFailed(f"cannot bring the lab up: {what}; the half-made lab is removed, its logs are in "
+                        f"{labdir}/logs") from None
     except BaseException:
-        try:
-            down(labdir, keep_logs=True)
-        except SvmotionError as err:
-            progress(f"while removing the half-made lab: {err}")
+        _remove_half_made(labdir, progress)
         raise
     return ns
+
+
+def _remove_half_made(labdir: Path, progress: Callable[[str], None]) -> None:
+    try:
+        down(labdir, keep_logs=True)
+    except SvmotionError as err:
+        progress(f"while removing the half-made lab: {err}")
 
 
 def load(labdir: Path) -> NsLab:

@@ -132,6 +132,22 @@ def test_refusals_are_one_line_with_exit_3(nslab: NsLab, tmp_path: Path) -> None
     assert usage.returncode == 2 and "--name" in usage.stderr, usage.stderr
 
 
+def test_a_lab_that_cannot_come_up_says_so_in_one_line_with_exit_9_and_leaves_nothing(tmp_path: Path) -> None:
+    """A guest cache that cannot be made: the half-made lab (its namespaces) goes, its logs stay."""
+    def namespaces() -> set[str]:
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+        return {line.split()[0] for line in listed.splitlines() if line.startswith("svlab-")}
+
+    before = namespaces()
+    done = lab_cli(tmp_path / "lab", "up", "--guest-cache", "/proc/svmotion-no-such-dir")
+    assert done.returncode == 9, done.stderr
+    errors = [line for line in done.stderr.splitlines() if not line.startswith("svlab: ")]
+    assert len(errors) == 1 and errors[0].startswith("svmotion: error: cannot bring the lab up: "), done.stderr
+    assert "/proc/svmotion-no-such-dir" in errors[0] and f"{tmp_path / 'lab'}/logs" in errors[0]
+    assert namespaces() == before
+    assert sorted(p.name for p in (tmp_path / "lab").iterdir()) == ["logs"]
+
+
 def tree_state(root: Path) -> dict[str, tuple[str, int, int]]:
     """Every provisioned file under a host's root: content digest, mode, mtime (runtime data left out)."""
     out = {}
