@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -53,6 +54,7 @@ UNITS = (("dst", "svmotion-agent.service"), ("src", "svmotion-agent.service"),
          ("src", "svmotion-guest.service"), ("mon", "svmotion-prometheus.service"))
 PROMETHEUS_PORT = 9090
 READY_S = 180.0            # a first `up` on a machine also builds the guest's images
+SAFE_DIR = re.compile(r"[A-Za-z0-9._/-]+")
 STOP_S = 200.0             # the supervisor's stop: the guest's last check, then the agents
 
 
@@ -239,7 +241,14 @@ def up(labdir: Path, guest_cache: Path | None = None, progress: Callable[[str], 
         raise Refused(f"a lab is already up in {labdir}: run svmotion lab down first")
     if len(str(labdir / "src/run/svmotion/guest.nbd")) > 100:
         raise Refused(f"lab directory {labdir} is too long for Unix sockets under it; choose a shorter one")
-    (labdir / "logs").mkdir(parents=True, exist_ok=True)
+    if not SAFE_DIR.fullmatch(str(labdir)):
+        # The hosts' unit files and launchers name paths under it unquoted, as systemd's do.
+        raise Refused(f"lab directory {str(labdir)!r} has characters other than letters, digits and ._/-; "
+                      f"choose another")
+    try:
+        (labdir / "logs").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise Refused(f"cannot make the lab directory {labdir}: {err.strerror}; choose another") from None
     try:
         hosts = Lab("svlab", HOSTS)
     except LabError as err:
@@ -304,10 +313,16 @@ def down(labdir: Path, keep_logs: bool = False) -> None:
         ns.lab.close()
     except (LabError, OSError) as err:
         raise LabFailed(f"removing the lab's namespaces: {err}") from None
-    if keep_logs:
-        (ns.dir / "state.json").unlink()
-    else:
+    if not keep_logs:
         shutil.rmtree(ns.dir)
+        return
+    for entry in ns.dir.iterdir():       # a half-made lab: everything but what says why it failed
+        if entry.name == "logs":
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _stop(pid: int, start_time: int | None, patience: float) -> None:

@@ -148,6 +148,14 @@ def test_a_lab_that_cannot_come_up_says_so_in_one_line_with_exit_9_and_leaves_no
     assert sorted(p.name for p in (tmp_path / "lab").iterdir()) == ["logs"]
 
 
+@pytest.mark.parametrize("where, words", [("/proc/svmotion-no-such-dir", "cannot make the lab directory"),
+                                          ("/tmp/svmotion lab", "characters other than")])
+def test_a_lab_directory_that_cannot_serve_is_refused_in_one_line(where: str, words: str) -> None:
+    done = lab_cli(Path(where), "up")
+    assert done.returncode == 3 and done.stderr.count("\n") == 1 and words in done.stderr, done.stderr
+    assert not Path(where).exists()
+
+
 def tree_state(root: Path) -> dict[str, tuple[str, int, int]]:
     """Every provisioned file under a host's root: content digest, mode, mtime (runtime data left out)."""
     out = {}
