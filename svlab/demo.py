@@ -166,7 +166,8 @@ def run_demo(keep: bool = False) -> int:
                 say(f"migration {record['state']}: {record['error']}")
                 return 1
             records.append(record)
-            first_source = {n: digest(root / "src" / f"{n}.raw") for n in DISKS} if step == 0 else first_source
+            if step == 0:        # the source as the first switchover left it: nothing may touch it after
+                first_source = {n: digest(root / "src" / f"{n}.raw") for n in DISKS}
             time.sleep(1.0)      # the writer goes on, now on the destination
         report = writer.stop()
         say("\n== stun times (what the guest felt is the guest wait: the longest held request)")

@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from agent.jsonlines import JsonLinesClient  # noqa: E402
-from svlab.writer import PATTERN, fill_pattern_image  # noqa: E402
+from svlab.writer import fill_pattern_image  # noqa: E402
 
 import nbdremote  # noqa: E402  (tests/, on sys.path as pytest's rootdir conftest)
 from agentproc import free_tcp_port  # noqa: E402

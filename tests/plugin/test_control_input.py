@@ -379,7 +379,6 @@ def test_random_requests_get_one_reply_and_refusals_change_nothing(vm_factory, t
 def test_random_bytes_in_random_pieces_get_one_reply_per_line(vm_factory, testlib) -> None:
     node = vm_factory(1, size=4 * MiB)
     watch = Node(testlib, node)
-    ctl = watch.ctl
 
     @PROPERTY
     @given(st.lists(lines, min_size=1, max_size=8), st.lists(st.integers(0, 1 << 12), max_size=6))
